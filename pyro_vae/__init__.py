@@ -1,0 +1,37 @@
+"""pyro_vae: variational autoencoders written as Pyro model/guide pairs."""
+
+from pyro_vae.config import Config
+from pyro_vae.data import DATASETS, Dataset, iterate_batches, load_dataset
+from pyro_vae.guides import GUIDES, GuideFamily, get_guide
+from pyro_vae.likelihoods import LIKELIHOODS, Likelihood, get_likelihood
+from pyro_vae.objectives import ELBOS, get_elbo
+from pyro_vae.priors import PRIORS, Prior, get_prior
+from pyro_vae.runs import Run, load_run
+from pyro_vae.train import evaluate_elbo, fit
+from pyro_vae.vae import VAE
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "DATASETS",
+    "Dataset",
+    "ELBOS",
+    "GUIDES",
+    "GuideFamily",
+    "LIKELIHOODS",
+    "Likelihood",
+    "PRIORS",
+    "Prior",
+    "Run",
+    "VAE",
+    "evaluate_elbo",
+    "fit",
+    "get_elbo",
+    "get_guide",
+    "get_likelihood",
+    "get_prior",
+    "iterate_batches",
+    "load_dataset",
+    "load_run",
+]

@@ -1,0 +1,423 @@
+"""Likelihoods p(x|z) that turn a decoder's output into a distribution over the data.
+
+A likelihood is an :class:`torch.nn.Module` with an ``output_dim`` (how many numbers the decoder
+must produce per datapoint) and a :meth:`Likelihood.forward` mapping the decoder output of shape
+``(..., output_dim)`` to a distribution with ``event_shape == (data_dim,)``. It is the only place
+that knows its distribution: it also declares the data it accepts (:attr:`Likelihood.support`)
+and gives the mean image used for reconstructions and samples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+from torch.distributions import constraints
+from torch.distributions.utils import broadcast_all
+from torch.nn import functional as F
+
+
+class Likelihood(nn.Module):
+    """Base class of likelihoods.
+
+    :param int data_dim: number of features per datapoint.
+    """
+
+    #: The set of data values the likelihood gives density to.
+    support: constraints.Constraint = constraints.real
+    #: Human-readable form of :attr:`support` for error messages.
+    support_text: str = "real numbers"
+    #: What to do when the data lie outside :attr:`support`.
+    support_hint: str = ""
+
+    def __init__(self, data_dim: int):
+        super().__init__()
+        self.data_dim = data_dim
+        self.output_dim = data_dim
+
+    @property
+    def name(self) -> str:
+        """The key of this likelihood in :data:`LIKELIHOODS` (the class name if unregistered)."""
+        cls = type(self)
+        return next((k for k, v in LIKELIHOODS.items() if v is cls), cls.__name__)
+
+    def forward(self, decoder_output: torch.Tensor) -> dist.TorchDistribution:
+        raise NotImplementedError
+
+    def mean(self, decoder_output: torch.Tensor) -> torch.Tensor:
+        """The mean E[x|z], for plotting reconstructions and samples."""
+        return self(decoder_output).mean
+
+    def check_data(self, x: torch.Tensor) -> None:
+        """Raise :class:`ValueError` if ``x`` is not finite or lies outside :attr:`support`.
+
+        The message names the likelihood, the range of ``x`` and one offending value.
+
+        :param torch.Tensor x: data of shape ``(N, data_dim)``.
+        """
+        if not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).sum().item()
+            raise ValueError(
+                f"likelihood {self.name!r} got data with {bad} NaN or infinite values; "
+                "clean them first"
+            )
+        outside = ~self.support.check(x)
+        if outside.any():
+            found = f"[{x.min().item():.4g}, {x.max().item():.4g}]"
+            example = x[outside].flatten()[0].item()
+            hint = f"; {self.support_hint}" if self.support_hint else ""
+            raise ValueError(
+                f"likelihood {self.name!r} needs data in {self.support_text}, but the data lie "
+                f"in {found} (e.g. {example:.6g}){hint}"
+            )
+
+
+def _check_positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+class Bernoulli(Likelihood):
+    """Independent Bernoulli pixels with logits from the decoder, for binary data.
+
+    References:
+
+    [1] `Auto-Encoding Variational Bayes`, Diederik P. Kingma, Max Welling (2014).
+    """
+
+    support = constraints.boolean
+    support_text = "{0, 1}"
+    support_hint = "binarize the data (--binarize dynamic or static) or use continuous_bernoulli"
+
+    def forward(self, decoder_output: torch.Tensor) -> dist.TorchDistribution:
+        return dist.Bernoulli(logits=decoder_output).to_event(1)
+
+    def mean(self, decoder_output: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(decoder_output)
+
+
+class ContinuousBernoulli(Likelihood):
+    """Independent continuous Bernoulli pixels, for grey levels in [0, 1].
+
+    The Bernoulli "likelihood" often applied to grey-level data is not a density on [0, 1];
+    the continuous Bernoulli adds the missing normalizing constant C(lambda), so the ELBO is a
+    true bound on log p(x). The decoder gives the logits of lambda. :meth:`mean` is the mean of
+    the continuous Bernoulli, not lambda = sigmoid(logits): the paper shows that lambda is a
+    biased, washed-out reconstruction.
+
+    References:
+
+    [1] `The continuous Bernoulli: fixing a pervasive error in variational autoencoders`,
+        Gabriel Loaiza-Ganem, John P. Cunningham (NeurIPS 2019).
+    """
+
+    support = constraints.unit_interval
+    support_text = "[0, 1]"
+    support_hint = "rescale the data to [0, 1], e.g. divide 8-bit pixel values by 255"
+
+    def forward(self, decoder_output: torch.Tensor) -> dist.TorchDistribution:
+        return dist.ContinuousBernoulli(logits=decoder_output).to_event(1)
+
+
+class Normal(Likelihood):
+    """Independent Gaussian pixels with the decoder's mean and a fixed scale.
+
+    :param int data_dim: number of features per datapoint.
+    :param float scale: the fixed standard deviation of every pixel.
+    """
+
+    def __init__(self, data_dim: int, scale: float = 0.1):
+        super().__init__(data_dim)
+        if not scale > 0:
+            raise ValueError(f"normal likelihood scale must be positive, got {scale!r}")
+        self.scale = float(scale)
+
+    def forward(self, decoder_output: torch.Tensor) -> dist.TorchDistribution:
+        return dist.Normal(decoder_output, self.scale).to_event(1)
+
+    def mean(self, decoder_output: torch.Tensor) -> torch.Tensor:
+        return decoder_output
+
+
+class LearnedNormal(Likelihood):
+    """Independent Gaussian pixels with the decoder's mean and a learned scale that does not
+    depend on z: one scale per pixel (``per_pixel=True``) or one for all pixels.
+
+    The scale is ``softplus(raw_scale) + min_scale``. The floor matters: on data with pixels
+    that are constant across the data set (the black border of MNIST) the maximum-likelihood
+    scale of those pixels is 0 and the density, hence the ELBO, would grow without bound. The
+    default floor is about the standard deviation of the rounding error of 8-bit images
+    (1 / (255 * sqrt(12))).
+
+    :param int data_dim: number of features per datapoint.
+    :param bool per_pixel: learn one scale per pixel, else a single global scale.
+    :param float init_scale: the scale at initialization.
+    :param float min_scale: the lower bound of the scale.
+
+    References:
+
+    [1] `Diagnosing and Enhancing VAE Models`, Bin Dai, David Wipf (ICLR 2019), on learning
+        the decoder variance and its collapse towards zero.
+    """
+
+    def __init__(
+        self,
+        data_dim: int,
+        per_pixel: bool = True,
+        init_scale: float = 0.1,
+        min_scale: float = 1e-3,
+    ):
+        super().__init__(data_dim)
+        min_scale = _check_positive("learned_normal likelihood min_scale", min_scale)
+        init_scale = _check_positive("learned_normal likelihood init_scale", init_scale)
+        if not init_scale > min_scale:
+            raise ValueError(
+                f"learned_normal likelihood init_scale must exceed min_scale={min_scale}, "
+                f"got {init_scale!r}"
+            )
+        self.per_pixel = bool(per_pixel)
+        self.min_scale = min_scale
+        raw = math.log(math.expm1(init_scale - min_scale))
+        self.raw_scale = nn.Parameter(torch.full((data_dim if per_pixel else 1,), raw))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The current scale, of shape ``(data_dim,)`` or ``(1,)``."""
+        return F.softplus(self.raw_scale) + self.min_scale
+
+    def forward(self, decoder_output: torch.Tensor) -> dist.TorchDistribution:
+        return dist.Normal(decoder_output, self.scale).to_event(1)
+
+    def mean(self, decoder_output: torch.Tensor) -> torch.Tensor:
+        return decoder_output
+
+
+class Laplace(Likelihood):
+    """Independent Laplace pixels with the decoder's location and a fixed scale: the
+    probabilistic form of an L1 reconstruction loss, less sensitive to outlying pixels than
+    the Gaussian.
+
+    :param int data_dim: number of features per datapoint.
+    :param float scale: the fixed scale b of every pixel (the standard deviation is b * sqrt(2)).
+    """
+
+    def __init__(self, data_dim: int, scale: float = 0.1):
+        super().__init__(data_dim)
+        self.scale = _check_positive("laplace likelihood scale", scale)
+
+    def forward(self, decoder_output: torch.Tensor) -> dist.TorchDistribution:
+        return dist.Laplace(decoder_output, self.scale).to_event(1)
+
+    def mean(self, decoder_output: torch.Tensor) -> torch.Tensor:
+        return decoder_output
+
+
+class QuantizedUnitInterval(constraints.Constraint):
+    """The values k / (num_levels - 1), k = 0, ..., num_levels - 1: pixel intensities with
+    ``num_levels`` levels (256 for 8-bit images) divided by their maximum.
+
+    :param int num_levels: number of levels.
+    """
+
+    is_discrete = True
+    event_dim = 0
+
+    def __init__(self, num_levels: int = 256):
+        self.num_levels = num_levels
+        super().__init__()
+
+    def check(self, value: torch.Tensor) -> torch.Tensor:
+        level = value * (self.num_levels - 1)
+        # Tolerance in units of one level: k / 255 in float32 is off by ~1e-5 levels at most.
+        on_grid = (level - level.round()).abs() < 1e-3
+        return (value >= 0) & (value <= 1) & on_grid
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_levels={self.num_levels})"
+
+
+def _log1mexp(d: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(d)) for d < 0, accurate for d near 0 and for very negative d."""
+    d = d.clamp(max=-torch.finfo(d.dtype).tiny)
+    return torch.where(d > -math.log(2), torch.log(-torch.expm1(d)), torch.log1p(-torch.exp(d)))
+
+
+class DiscretizedLogisticDistribution(dist.TorchDistribution):
+    """A logistic distribution with location ``loc`` and scale ``scale`` whose mass is gathered
+    into ``num_levels`` equally spaced bins centred on k / (num_levels - 1) in [0, 1]; the first
+    and last bins extend to -inf and +inf.
+
+    Bin masses are differences of logistic CDFs, computed as log-sigmoid differences taken in
+    whichever tail keeps both sigmoids small, so that masses far below float precision
+    (e.g. 1e-40) still have an accurate log. When a bin is narrow compared to the scale
+    (width / scale < 1e-2), where that difference would cancel, the mass is the density at the
+    bin centre times the width (relative error below 1e-5).
+
+    :param torch.Tensor loc: location, on the [0, 1] scale of the data.
+    :param torch.Tensor scale: scale (positive).
+    :param int num_levels: number of bins (256 for 8-bit data).
+
+    References:
+
+    [1] `PixelCNN++: Improving the PixelCNN with Discretized Logistic Mixture Likelihood and
+        Other Modifications`, Tim Salimans, Andrej Karpathy, Xi Chen, Diederik P. Kingma
+        (ICLR 2017).
+    [2] `Improved Variational Inference with Inverse Autoregressive Flow`, Diederik P. Kingma,
+        Tim Salimans, Rafal Jozefowicz, Xi Chen, Ilya Sutskever, Max Welling (NeurIPS 2016).
+    """
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    has_rsample = False
+    #: Bins narrower than this many scales use the midpoint rule (see the class docstring).
+    narrow_bin = 1e-2
+
+    def __init__(
+        self,
+        loc: torch.Tensor,
+        scale: torch.Tensor,
+        num_levels: int = 256,
+        validate_args: bool | None = None,
+    ):
+        if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
+            raise ValueError(f"num_levels must be an int >= 2, got {num_levels!r}")
+        self.loc, self.scale = broadcast_all(loc, scale)
+        self.num_levels = num_levels
+        super().__init__(self.loc.shape, validate_args=validate_args)
+
+    @constraints.dependent_property(is_discrete=True, event_dim=0)
+    def support(self) -> constraints.Constraint:
+        return QuantizedUnitInterval(self.num_levels)
+
+    @property
+    def bin_width(self) -> float:
+        return 1.0 / (self.num_levels - 1)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(DiscretizedLogisticDistribution, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc = self.loc.expand(batch_shape)
+        new.scale = self.scale.expand(batch_shape)
+        new.num_levels = self.num_levels
+        super(DiscretizedLogisticDistribution, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        half = 0.5 * self.bin_width
+        centred = (value - self.loc) / self.scale
+        upper = centred + half / self.scale
+        lower = centred - half / self.scale
+        # sigmoid(upper) - sigmoid(lower) == sigmoid(-lower) - sigmoid(-upper): use the form
+        # whose arguments are mostly negative, where log-sigmoid keeps full relative precision.
+        flip = centred > 0
+        a = torch.where(flip, -lower, upper)
+        b = torch.where(flip, -upper, lower)
+        log_sig_a = F.logsigmoid(a)
+        interior = log_sig_a + _log1mexp(F.logsigmoid(b) - log_sig_a)
+        log_density = F.logsigmoid(centred) + F.logsigmoid(-centred) - self.scale.log()
+        midpoint = log_density + math.log(self.bin_width)
+        narrow = self.bin_width / self.scale < self.narrow_bin
+        interior = torch.where(narrow | ~torch.isfinite(interior), midpoint, interior)
+        first = value < half
+        last = value > 1 - half
+        log_p = torch.where(first, F.logsigmoid(upper), interior)
+        return torch.where(last, F.logsigmoid(-lower), log_p)
+
+    def sample(self, sample_shape: torch.Size | tuple = ()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        with torch.no_grad():
+            u = torch.rand(shape, dtype=self.loc.dtype, device=self.loc.device)
+            u = u.clamp(torch.finfo(u.dtype).tiny, 1 - torch.finfo(u.dtype).eps)
+            y = self.loc + self.scale * (u.log() - (-u).log1p())
+            levels = self.num_levels - 1
+            return (y.clamp(0, 1) * levels).round() / levels
+
+    @property
+    def mean(self) -> torch.Tensor:
+        # E[x] = width * sum_k P(x >= k * width), k = 1 .. num_levels - 1; a loop over levels
+        # keeps the memory at one batch of pixels.
+        half = 0.5 * self.bin_width
+        total = torch.zeros_like(self.loc)
+        for k in range(1, self.num_levels):
+            total = total + torch.sigmoid((self.loc - (k * self.bin_width - half)) / self.scale)
+        return total * self.bin_width
+
+
+class DiscretizedLogistic(Likelihood):
+    """Independent discretized logistic pixels for 8-bit images (or any ``num_levels``).
+
+    The decoder gives, per pixel, the location and the log-scale of a logistic distribution on
+    the [0, 1] scale of the data, so ``output_dim = 2 * data_dim``; the mass of each of the
+    ``num_levels`` bins of width 1 / (num_levels - 1) is the logistic mass over the bin, and the
+    edge bins extend to -inf and +inf, so that saturated pixels get finite, well-behaved mass.
+    Unlike Gaussian likelihoods on dequantized data, this is a proper probability mass function
+    on the pixel levels: -log p(x) / (data_dim * log 2) is directly in bits per dimension.
+    The log-scale is softly bounded below by -7 (as in PixelCNN++), a scale of about 1/4 bin.
+    :meth:`mean` is the exact mean of the discretized distribution.
+
+    :param int data_dim: number of features per datapoint.
+    :param int num_levels: number of pixel levels (256 for 8-bit images).
+
+    References:
+
+    [1] `PixelCNN++: Improving the PixelCNN with Discretized Logistic Mixture Likelihood and
+        Other Modifications`, Tim Salimans, Andrej Karpathy, Xi Chen, Diederik P. Kingma
+        (ICLR 2017).
+    [2] `Improved Variational Inference with Inverse Autoregressive Flow`, Diederik P. Kingma,
+        Tim Salimans, Rafal Jozefowicz, Xi Chen, Ilya Sutskever, Max Welling (NeurIPS 2016).
+    """
+
+    #: Soft lower bound of the decoder's log-scale.
+    min_log_scale = -7.0
+
+    def __init__(self, data_dim: int, num_levels: int = 256):
+        super().__init__(data_dim)
+        if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
+            raise ValueError(
+                f"discretized_logistic likelihood num_levels must be an int >= 2, "
+                f"got {num_levels!r}"
+            )
+        self.output_dim = 2 * data_dim
+        self.num_levels = num_levels
+        self.support = QuantizedUnitInterval(num_levels)
+        levels = num_levels - 1
+        self.support_text = f"multiples of 1/{levels} in [0, 1]"
+        self.support_hint = (
+            f"pass integer pixel levels divided by {levels}, with no dequantization noise or "
+            "binarization; set num_levels to the number of grey levels of the data "
+            "(17 for digits) or use continuous_bernoulli"
+        )
+
+    def forward(self, decoder_output: torch.Tensor) -> dist.TorchDistribution:
+        loc, raw_log_scale = decoder_output.split(self.data_dim, dim=-1)
+        # A soft floor keeps gradients alive, unlike a clamp.
+        log_scale = self.min_log_scale + F.softplus(raw_log_scale - self.min_log_scale)
+        return DiscretizedLogisticDistribution(loc, log_scale.exp(), self.num_levels).to_event(1)
+
+
+def get_likelihood(name: str, data_dim: int, **kwargs) -> Likelihood:
+    """Build a registered likelihood by name.
+
+    :param str name: a key of :data:`LIKELIHOODS`.
+    :param int data_dim: number of features per datapoint.
+    :param kwargs: options of that likelihood, e.g. ``scale`` for ``"normal"``.
+    :returns: the likelihood module.
+    """
+    if name not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {name!r}; choose one of {sorted(LIKELIHOODS)}")
+    return LIKELIHOODS[name](data_dim, **kwargs)
+
+
+LIKELIHOODS: dict[str, type[Likelihood]] = {
+    "bernoulli": Bernoulli,
+    "continuous_bernoulli": ContinuousBernoulli,
+    "discretized_logistic": DiscretizedLogistic,
+    "laplace": Laplace,
+    "learned_normal": LearnedNormal,
+    "normal": Normal,
+}

@@ -1,0 +1,146 @@
+"""Figures. Each ``plot_*`` function takes data (and ``ax=None``) and returns the Figure.
+
+Figures are built with :class:`matplotlib.figure.Figure` directly, never through pyplot, so the
+library leaves matplotlib's global state and backend alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+
+def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
+    if ax is not None:
+        return ax.figure, ax
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def image_grid(images: torch.Tensor, image_shape: Sequence[int], num_cols: int) -> np.ndarray:
+    """Tile flat images ``(N, H*W)`` into one array with light 1-pixel gaps between them."""
+    h, w = image_shape
+    images = images.detach().float().cpu().clamp(0, 1).reshape(-1, h, w).numpy()
+    num_rows = math.ceil(len(images) / num_cols)
+    grid = np.full((num_rows * (h + 1) - 1, num_cols * (w + 1) - 1), 0.2)
+    for i, image in enumerate(images):
+        r, c = divmod(i, num_cols)
+        grid[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = image
+    return grid
+
+
+def plot_images(
+    images: torch.Tensor,
+    image_shape: Sequence[int],
+    num_cols: int = 8,
+    title: str | None = None,
+    ax: Axes | None = None,
+) -> Figure:
+    """Show flat images in [0, 1] as a grid, black on white."""
+    grid = image_grid(images, image_shape, num_cols)
+    fig, ax = _axes(ax, (num_cols * 0.6, grid.shape[0] / grid.shape[1] * num_cols * 0.6 + 0.4))
+    ax.imshow(1 - grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def plot_reconstructions(
+    originals: torch.Tensor,
+    reconstructions: torch.Tensor,
+    image_shape: Sequence[int],
+    num_cols: int = 8,
+    ax: Axes | None = None,
+) -> Figure:
+    """Originals and their reconstructions in alternating rows."""
+    rows = []
+    for start in range(0, len(originals), num_cols):
+        rows += [originals[start : start + num_cols], reconstructions[start : start + num_cols]]
+    images = torch.cat(rows)
+    return plot_images(
+        images, image_shape, num_cols, "test images (odd rows) and reconstructions", ax
+    )
+
+
+def plot_elbo_curves(
+    curves: dict[str, list[dict]],
+    x: str = "epoch",
+    ax: Axes | None = None,
+) -> Figure:
+    """Train and test ELBO curves of one or more runs.
+
+    :param dict curves: label -> metrics rows (``epoch``, ``train_elbo``, ``test_elbo``, ...).
+    :param str x: the column for the horizontal axis (``epoch``, ``step`` or ``seconds``).
+    """
+    fig, ax = _axes(ax, (6, 4))
+    for i, (label, rows) in enumerate(curves.items()):
+        xs = [row[x] for row in rows]
+        color = f"C{i}"
+        ax.plot(xs, [row["train_elbo"] for row in rows], "--", color=color, label=f"{label} train")
+        ax.plot(xs, [row["test_elbo"] for row in rows], "-", color=color, label=f"{label} test")
+    ax.set_xlabel(x)
+    ax.set_ylabel("ELBO (nats per datapoint)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def plot_latent_space(
+    codes: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    ax: Axes | None = None,
+) -> Figure:
+    """Scatter latent codes coloured by label: 2-D codes directly, others after PCA to 2-D."""
+    codes = codes.detach().float().cpu().numpy()
+    fig, ax = _axes(ax, (5.5, 5))
+    if codes.shape[1] == 2:
+        xy, names = codes, ("z[0]", "z[1]")
+    else:
+        from sklearn.decomposition import PCA
+
+        xy, names = PCA(n_components=2).fit_transform(codes), ("PC 1", "PC 2")
+    colors = None if labels is None else labels.cpu().numpy()
+    points = ax.scatter(xy[:, 0], xy[:, 1], c=colors, cmap="tab10", s=4, alpha=0.7)
+    if labels is not None:
+        fig.colorbar(points, ax=ax, label="label")
+    ax.set_xlabel(names[0])
+    ax.set_ylabel(names[1])
+    return fig
+
+
+#: The figures ``save_figures`` writes into a run folder.
+FIGURES = ("elbo.png", "reconstructions.png", "samples.png", "latent_space.png")
+
+
+@torch.no_grad()
+def save_figures(run_dir: str | Path, vae, dataset, metrics: list[dict]) -> list[Path]:
+    """Write the standard figures of a trained run into ``run_dir``; returns their paths.
+
+    :param run_dir: the run folder.
+    :param vae: the trained :class:`~pyro_vae.vae.VAE`.
+    :param dataset: its :class:`~pyro_vae.data.Dataset` (test split is shown).
+    :param list metrics: the rows returned by :func:`~pyro_vae.train.fit`.
+    """
+    run_dir = Path(run_dir)
+    vae.eval()
+    x = dataset.test_x[:32]
+    figures = {
+        "elbo.png": plot_elbo_curves({"": metrics}),
+        "reconstructions.png": plot_reconstructions(x, vae.reconstruct(x), dataset.image_shape),
+        "samples.png": plot_images(vae.sample(64), dataset.image_shape, title="prior samples"),
+        "latent_space.png": plot_latent_space(
+            torch.cat([vae.latent_code(c) for c in dataset.test_x.split(2000)]), dataset.test_y
+        ),
+    }
+    paths = []
+    for name, fig in figures.items():
+        fig.savefig(run_dir / name, dpi=120)
+        paths.append(run_dir / name)
+    return paths

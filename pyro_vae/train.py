@@ -1,0 +1,236 @@
+"""Stochastic variational inference: the training loop.
+
+It knows nothing about which prior, likelihood or guide is inside the VAE: it asks the ELBO
+registry for a loss, takes minibatches from :mod:`pyro_vae.data` and steps a torch optimizer
+over the module's parameters. This is SVI written with the ELBO's ``differentiable_loss``, the
+form that :func:`torch.compile` and DistributedDataParallel work with.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyro
+import torch
+from torch.distributions import constraints
+
+from pyro_vae.config import Config
+from pyro_vae.data import Dataset, iterate_batches
+from pyro_vae.objectives import get_elbo
+from pyro_vae.runs import save_checkpoint, save_config, write_metrics
+from pyro_vae.vae import VAE
+
+logger = logging.getLogger(__name__)
+
+#: Datapoints per forward pass when evaluating; bounds memory, not results.
+EVAL_BATCH_SIZE = 2000
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU; asking for absent CUDA is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or cuda:N") from e
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}; choose auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {name!r} was requested but CUDA is not available on this machine; "
+            "use --device cpu (or auto)"
+        )
+    return device
+
+
+def resolve_binarize(binarize: str | None, likelihood) -> str:
+    """``None`` means dynamic binarization for likelihoods of binary data, none otherwise.
+
+    :param likelihood: a :class:`~pyro_vae.likelihoods.Likelihood` or its class.
+    """
+    if binarize is not None:
+        return binarize
+    return "dynamic" if likelihood.support is constraints.boolean else "none"
+
+
+def kl_weight(config: Config, step: int, steps_per_epoch: int) -> float:
+    """beta times a linear warm-up from 0 to 1 over ``config.warmup_epochs`` epochs.
+
+    References:
+
+    [1] `Ladder Variational Autoencoders`, Casper Kaae Sonderby et al. (2016).
+    [2] `beta-VAE: Learning Basic Visual Concepts with a Constrained Variational Framework`,
+        Irina Higgins et al. (2017).
+    """
+    if config.warmup_epochs == 0:
+        return config.beta
+    return config.beta * min(1.0, (step + 1) / (config.warmup_epochs * steps_per_epoch))
+
+
+def check_dataset(vae: VAE, dataset: Dataset, binarize: str) -> None:
+    """Raise :class:`ValueError` if the data do not fit the model's input size or likelihood."""
+    for split, x in (("train", dataset.train_x), ("test", dataset.test_x)):
+        vae.check_input(x)
+        if split == "train" and binarize == "dynamic":
+            # Grey levels are Bernoulli probabilities here, binarized batch by batch.
+            if not (torch.isfinite(x).all() and (x >= 0).all() and (x <= 1).all()):
+                raise ValueError("dynamic binarization needs training data in [0, 1]")
+        else:
+            vae.likelihood.check_data(x)
+
+
+@torch.no_grad()
+def evaluate_elbo(vae: VAE, x: torch.Tensor, elbo: str = "trace", num_particles: int = 1) -> float:
+    """Mean ELBO per datapoint (nats) at KL weight 1, without touching the parameters.
+
+    :param VAE vae: the model.
+    :param torch.Tensor x: data, ``(N, data_dim)``.
+    :param str elbo: a key of :data:`~pyro_vae.objectives.ELBOS`.
+    :param int num_particles: samples of z per datapoint.
+    """
+    loss_fn = get_elbo(elbo, num_particles)
+    kl_scale, vae.kl_scale = vae.kl_scale, 1.0
+    try:
+        total = sum(loss_fn.loss(vae.model, vae.guide, chunk) for chunk in x.split(EVAL_BATCH_SIZE))
+    finally:
+        vae.kl_scale = kl_scale
+    return -total / x.shape[0]
+
+
+def diverged(loss: float | str, epoch: int, step: int) -> FloatingPointError:
+    return FloatingPointError(
+        f"the loss became {loss} at epoch {epoch}, step {step + 1}; "
+        "try a lower --lr or set --clip-norm"
+    )
+
+
+def train_epoch(
+    vae: VAE,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    config: Config,
+    epoch: int,
+    step: int,
+) -> tuple[float, int]:
+    """One pass over ``x`` in random minibatches.
+
+    :returns: the mean training objective per datapoint (the ELBO at the current KL weight)
+        and the updated global step counter.
+    :raises FloatingPointError: if the loss is NaN or infinite; the parameters are not updated.
+    """
+    loss_fn = get_elbo(config.elbo, config.num_particles)
+    steps_per_epoch = math.ceil(x.shape[0] / config.batch_size)
+    total = torch.zeros((), device=x.device)
+    batches = iterate_batches(
+        x, config.batch_size, shuffle=True, binarize=config.binarize == "dynamic"
+    )
+    for batch in batches:
+        vae.kl_scale = kl_weight(config, step, steps_per_epoch)
+        try:
+            loss = loss_fn.differentiable_loss(vae.model, vae.guide, batch)
+        except ValueError as e:
+            # With validation on, distributions refuse NaN parameters before the loss exists.
+            if all(torch.isfinite(p).all() for p in vae.parameters()):
+                raise
+            raise diverged("nan", epoch, step) from e
+        if not torch.isfinite(loss):
+            raise diverged(loss.item(), epoch, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), config.clip_norm)
+        optimizer.step()
+        total += loss.detach()
+        step += 1
+    return -total.item() / x.shape[0], step
+
+
+def make_optimizer(vae: VAE, config: Config) -> torch.optim.Optimizer:
+    return torch.optim.Adam(vae.parameters(), lr=config.lr)
+
+
+def fit(
+    vae: VAE,
+    dataset: Dataset,
+    config: Config | None = None,
+    run_dir: str | Path | None = None,
+    checkpoint: dict | None = None,
+    metrics: list[dict] | None = None,
+    on_epoch_end: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Train ``vae`` on ``dataset`` by SVI; optionally keep a run folder up to date.
+
+    The data and the model live on the same device, that of ``dataset.train_x``. With
+    ``run_dir``, ``config.json`` is written first, then after every epoch ``metrics.csv`` and
+    ``checkpoint.pt`` (each atomically), so an interrupted run resumes from its last epoch.
+
+    :param VAE vae: the model; trained in place.
+    :param Dataset dataset: from :func:`~pyro_vae.data.load_dataset`.
+    :param Config config: training settings (defaults if ``None``); ``data_dim`` and
+        ``image_shape`` are filled in from the data set.
+    :param run_dir: folder for config, metrics and checkpoints, or ``None``.
+    :param dict checkpoint: a state from :func:`~pyro_vae.runs.load_checkpoint` to resume.
+    :param list metrics: rows already written for the epochs before ``checkpoint``.
+    :param on_epoch_end: called with each new metrics row.
+    :returns: one row per epoch: ``epoch``, ``step``, ``kl_scale``, ``train_elbo``,
+        ``test_elbo`` (nats per datapoint, higher is better) and ``seconds``.
+
+    >>> from pyro_vae import VAE, Config, fit, load_dataset
+    >>> data = load_dataset("digits", binarize="dynamic")
+    >>> vae = VAE(data.data_dim, latent_dim=2)
+    >>> rows = fit(vae, data, Config(epochs=2))
+    >>> rows[-1]["test_elbo"] < 0
+    True
+    """
+    config = Config() if config is None else config
+    config.binarize = resolve_binarize(config.binarize, vae.likelihood)
+    config.data_dim = vae.data_dim
+    config.image_shape = list(dataset.image_shape)
+    config.validate()
+    check_dataset(vae, dataset, config.binarize)
+    device = dataset.train_x.device
+    vae.to(device)
+    optimizer = make_optimizer(vae, config)
+    rows = list(metrics or [])
+    if checkpoint is None:
+        pyro.set_rng_seed(config.seed)
+        start_epoch, step = 0, 0
+    else:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+        if device.type == "cuda" and checkpoint["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in checkpoint["rng"]["cuda"]])
+        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
+        rows = [row for row in rows if row["epoch"] <= start_epoch]
+    if run_dir is not None:
+        save_config(run_dir, config)
+        if checkpoint is None:
+            save_checkpoint(run_dir, vae, optimizer, config, start_epoch, step)
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        start = time.perf_counter()
+        vae.train()
+        train_elbo, step = train_epoch(vae, optimizer, dataset.train_x, config, epoch, step)
+        vae.eval()
+        test_elbo = evaluate_elbo(vae, dataset.test_x, config.elbo, config.num_particles)
+        row = {
+            "epoch": epoch,
+            "step": step,
+            "kl_scale": vae.kl_scale,
+            "train_elbo": train_elbo,
+            "test_elbo": test_elbo,
+            "seconds": time.perf_counter() - start,
+        }
+        rows.append(row)
+        logger.info("epoch %d: train ELBO %.3f, test ELBO %.3f", epoch, train_elbo, test_elbo)
+        if run_dir is not None:
+            write_metrics(run_dir, rows)
+            save_checkpoint(run_dir, vae, optimizer, config, epoch, step)
+        if on_epoch_end is not None:
+            on_epoch_end(row)
+    vae.kl_scale = 1.0
+    return rows

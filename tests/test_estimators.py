@@ -1,0 +1,573 @@
+import math
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from torch import nn
+
+from pyro_vae import VAE
+from pyro_vae.estimators import (
+    _RunningLogMeanExp,
+    _RunningMoments,
+    estimate_elbo,
+    estimate_elbo_terms,
+    estimate_log_likelihood,
+    estimate_log_likelihood_curve,
+)
+from pyro_vae.guides import GUIDES
+from pyro_vae.priors import PRIORS
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def tolerance(dtype):
+    return {"rtol": 1e-5, "atol": 1e-3} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-9}
+
+
+def assert_within_stderr(estimate, exact, stderr, num_stderr=4.5, atol=0.0):
+    """Every datapoint's estimate is within ``num_stderr`` standard errors of the exact value."""
+    bound = num_stderr * stderr + atol
+    assert torch.isfinite(stderr).all() and (stderr > 0).all()
+    assert ((estimate - exact).abs() <= bound).all(), (estimate - exact) / stderr
+
+
+class LinearGaussian:
+    """z ~ N(0, I_d), x | z ~ N(W z + b, sigma^2 I_D): every quantity has a closed form."""
+
+    def __init__(
+        self, latent_dim=2, data_dim=5, sigma=0.7, dtype=torch.float64, nested=False, shift=0.5
+    ):
+        generator = torch.Generator().manual_seed(1)
+        self.W = torch.randn(data_dim, latent_dim, generator=generator, dtype=dtype)
+        self.b = torch.randn(data_dim, generator=generator, dtype=dtype)
+        self.sigma = sigma
+        self.latent_dim, self.data_dim = latent_dim, data_dim
+        self.nested = nested
+        self.shift = shift
+        eye = torch.eye(latent_dim, dtype=dtype)
+        self.post_cov = torch.linalg.inv(eye + self.W.T @ self.W / sigma**2)
+
+    def sample(self, num_data):
+        z = torch.randn(num_data, self.latent_dim, dtype=self.W.dtype)
+        return z @ self.W.T + self.b + self.sigma * torch.randn(num_data, self.data_dim).to(z)
+
+    def model(self, x):
+        eye = torch.eye(self.latent_dim, dtype=x.dtype)
+        prior = dist.MultivariateNormal(x.new_zeros(self.latent_dim), eye)
+        with pyro.plate("data", x.shape[0], dim=-2 if self.nested else -1):
+            z = pyro.sample("z", prior)
+            loc = z @ self.W.T + self.b
+            if self.nested:  # pixels as a plate inside the data plate: z has batch shape (N, 1)
+                with pyro.plate("pixels", self.data_dim, dim=-1):
+                    pyro.sample("x", dist.Normal(loc.squeeze(-2), self.sigma), obs=x)
+            else:
+                pyro.sample("x", dist.Normal(loc, self.sigma).to_event(1), obs=x)
+        return z
+
+    def post_loc(self, x):
+        return (x - self.b) @ self.W @ self.post_cov / self.sigma**2
+
+    def exact_guide(self, x):
+        loc = self.post_loc(x).unsqueeze(-2) if self.nested else self.post_loc(x)
+        with pyro.plate("data", x.shape[0], dim=-2 if self.nested else -1):
+            pyro.sample("z", dist.MultivariateNormal(loc, covariance_matrix=self.post_cov))
+
+    def poor_guide_params(self, x):
+        """A diagonal guide, shifted and too wide: far enough from the posterior to matter."""
+        scale = 1.5 * self.post_cov.diagonal().sqrt().expand(x.shape[0], -1)
+        return self.post_loc(x) + self.shift, scale
+
+    def poor_guide(self, x):
+        loc, scale = self.poor_guide_params(x)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    def log_likelihood(self, x):
+        cov = self.W @ self.W.T + self.sigma**2 * torch.eye(self.data_dim, dtype=x.dtype)
+        return dist.MultivariateNormal(self.b, cov).log_prob(x)
+
+    def elbo(self, x, loc, cov):
+        """Closed-form reconstruction and KL for q = N(loc, cov), cov of shape (N, d, d)."""
+        residual = x - loc @ self.W.T - self.b
+        trace_wsw = torch.einsum("ij,njk,ik->n", self.W, cov, self.W)
+        reconstruction = -0.5 * self.data_dim * math.log(2 * math.pi * self.sigma**2) - (
+            residual.pow(2).sum(-1) + trace_wsw
+        ) / (2 * self.sigma**2)
+        kl = 0.5 * (
+            cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+            + loc.pow(2).sum(-1)
+            - self.latent_dim
+            - torch.logdet(cov)
+        )
+        return reconstruction, kl
+
+
+class BernoulliTanh:
+    """A 1-D latent and 30 binary pixels with logits a * tanh(w z + c), integrated on a grid."""
+
+    def __init__(self, num_pixels=30, mixture_prior=False):
+        generator = torch.Generator().manual_seed(2)
+        self.a = 3 * torch.rand(num_pixels, generator=generator, dtype=torch.float64) + 1
+        self.w = 2 * torch.randn(num_pixels, generator=generator, dtype=torch.float64)
+        self.c = torch.randn(num_pixels, generator=generator, dtype=torch.float64)
+        self.mixture_prior = mixture_prior
+        self.grid = torch.linspace(-12, 12, 20001, dtype=torch.float64)
+        self.guide_table = None
+
+    def prior(self):
+        if self.mixture_prior:
+            components = dist.Normal(
+                torch.tensor([[-1.5], [1.0]], dtype=torch.float64),
+                torch.tensor([[0.5], [0.8]], dtype=torch.float64),
+            ).to_event(1)
+            weights = dist.Categorical(torch.tensor([0.3, 0.7], dtype=torch.float64))
+            return dist.MixtureSameFamily(weights, components)
+        return dist.Normal(torch.zeros(1, dtype=torch.float64), 1.0).to_event(1)
+
+    def likelihood(self, z):
+        return dist.Bernoulli(logits=self.a * torch.tanh(self.w * z + self.c)).to_event(1)
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", self.prior())
+            pyro.sample("x", self.likelihood(z), obs=x)
+
+    def sample(self, num_data):
+        return self.likelihood(self.prior().sample((num_data,))).sample()
+
+    def log_joint_on_grid(self, x):
+        """log p(x_n, z_g) of shape (grid, N)."""
+        z = self.grid[:, None, None]
+        return self.likelihood(z).log_prob(x) + self.prior().log_prob(z)
+
+    def log_likelihood(self, x):
+        step = self.grid[1] - self.grid[0]
+        return self.log_joint_on_grid(x).logsumexp(0) + step.log()
+
+    def fit_guide(self, x):
+        """A Normal guide near, not at, each posterior: moments from the grid, then perturbed."""
+        log_joint = self.log_joint_on_grid(x)
+        post = (log_joint - log_joint.logsumexp(0)).exp()
+        mean = (post * self.grid[:, None]).sum(0)
+        std = (post * (self.grid[:, None] - mean) ** 2).sum(0).sqrt()
+        self.guide_table = (x, mean + 0.3 * std, 1.2 * std)
+
+    def guide(self, x):
+        table, loc, scale = self.guide_table
+        rows = torch.cdist(x, table).argmin(1)  # the guide must work on any slice of x
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc[rows, None], scale[rows, None]).to_event(1))
+
+    def elbo(self, x):
+        """Grid integral of E_q[log p(x, z) - log q(z|x)] for the fitted guide."""
+        _, loc, scale = self.guide_table
+        step = self.grid[1] - self.grid[0]
+        log_q = dist.Normal(loc, scale).log_prob(self.grid[:, None])
+        return (log_q.exp() * (self.log_joint_on_grid(x) - log_q)).sum(0) * step
+
+
+# ---------------------------------------------------------------------------------------------
+# Closed forms: the linear-Gaussian model.
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_iwae_exact_posterior_is_exact(dtype):
+    lg = LinearGaussian(dtype=dtype)
+    x = lg.sample(7)
+    curve = estimate_log_likelihood_curve(
+        lg.model, lg.exact_guide, x, ks=(1, 10, 100, 1000), return_stderr=True
+    )
+    exact = lg.log_likelihood(x)
+    for estimate, _ in curve.values():
+        assert estimate.dtype == dtype and estimate.shape == (7,)
+        torch.testing.assert_close(estimate, exact, **tolerance(dtype))
+    assert curve[1][1].isnan().all()
+    assert (curve[1000][1] < 1e-3).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_elbo_exact_posterior_equals_log_likelihood(dtype):
+    lg = LinearGaussian(dtype=dtype)
+    x = lg.sample(7)
+    exact = lg.log_likelihood(x)
+    mc = estimate_elbo(lg.model, lg.exact_guide, x, num_particles=3)
+    torch.testing.assert_close(mc, exact, **tolerance(dtype))
+
+    # analytic KL: exact KL part, Monte Carlo reconstruction term
+    terms = estimate_elbo_terms(lg.model, lg.exact_guide, x, analytic_kl=True, num_particles=2000)
+    _, kl = lg.elbo(x, lg.post_loc(x), lg.post_cov.expand(7, -1, -1))
+    torch.testing.assert_close(terms.kl, kl, **tolerance(dtype))
+    assert terms.analytic_sites == ("z",) and terms.sampled_sites == ()
+    assert terms.observed_sites == ("x",)
+    assert_within_stderr(terms.elbo, exact, terms.stderr)
+
+
+@pytest.mark.parametrize("analytic_kl", [False, True])
+def test_elbo_poor_guide_matches_closed_form(analytic_kl):
+    lg = LinearGaussian()
+    x = lg.sample(7)
+    loc, scale = lg.poor_guide_params(x)
+    reconstruction, kl = lg.elbo(x, loc, torch.diag_embed(scale**2))
+    terms = estimate_elbo_terms(
+        lg.model, lg.poor_guide, x, analytic_kl=analytic_kl, num_particles=2000
+    )
+    assert_within_stderr(terms.elbo, reconstruction - kl, terms.stderr)
+    torch.testing.assert_close(terms.elbo, terms.reconstruction - terms.kl)
+    if analytic_kl:
+        torch.testing.assert_close(terms.kl, kl)
+    assert (lg.log_likelihood(x) - (reconstruction - kl) > 0.1).all()  # the guide is poor
+
+
+def test_iwae_gap_shrinks_with_num_samples():
+    lg = LinearGaussian(shift=1.0)  # gaps of about 7, 1.4, 0.2, 0.02 nats
+    x = lg.sample(200)
+    curve = estimate_log_likelihood_curve(lg.model, lg.poor_guide, x, ks=(1, 10, 100, 1000))
+    exact = lg.log_likelihood(x)
+    gaps = [(exact - estimate).mean().item() for estimate in curve.values()]
+    assert gaps[0] > gaps[1] > gaps[2] > gaps[3] > -0.01, gaps
+    assert gaps[3] < 0.1
+
+
+@pytest.mark.parametrize("analytic_kl", [False, True])
+def test_more_particles_same_mean_lower_variance(analytic_kl):
+    lg = LinearGaussian()
+    x = lg.sample(1).expand(4000, -1)  # 4000 independent replicates of one datapoint
+    one = estimate_elbo(lg.model, lg.poor_guide, x, analytic_kl, num_particles=1)
+    ten = estimate_elbo(lg.model, lg.poor_guide, x, analytic_kl, num_particles=10)
+    stderr = (one.var() / 4000 + ten.var() / 4000).sqrt()
+    assert (one.mean() - ten.mean()).abs() < 4.5 * stderr
+    assert 7 < one.var() / ten.var() < 14
+
+
+def test_plates_nested_in_data_plate_are_summed():
+    lg = LinearGaussian(nested=True)
+    x = lg.sample(4)
+    exact = lg.log_likelihood(x)
+    estimate = estimate_log_likelihood(lg.model, lg.exact_guide, x, 20, max_plate_nesting=2)
+    torch.testing.assert_close(estimate, exact)
+    elbo = estimate_elbo(lg.model, lg.exact_guide, x, num_particles=2, max_plate_nesting=2)
+    torch.testing.assert_close(elbo, exact)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grid integrals: a 1-D latent with a nonlinear Bernoulli decoder.
+
+
+def test_bernoulli_grid_log_likelihood_and_elbo():
+    bt = BernoulliTanh()
+    x = bt.sample(6)
+    bt.fit_guide(x)
+    log_px, stderr = estimate_log_likelihood(
+        bt.model, bt.guide, x, num_samples=2000, return_stderr=True
+    )
+    assert_within_stderr(log_px, bt.log_likelihood(x), stderr, atol=1e-3)
+    elbo = bt.elbo(x)
+    assert (bt.log_likelihood(x) - elbo > 0.01).all()
+    for analytic_kl in (False, True):
+        terms = estimate_elbo_terms(bt.model, bt.guide, x, analytic_kl, num_particles=2000)
+        assert_within_stderr(terms.elbo, elbo, terms.stderr)
+
+
+def test_missing_analytic_kl_warns_names_site_and_samples_it():
+    bt = BernoulliTanh(mixture_prior=True)
+    x = bt.sample(6)
+    bt.fit_guide(x)
+    with pytest.warns(UserWarning, match=r"no analytic KL for latent site 'z'"):
+        terms = estimate_elbo_terms(bt.model, bt.guide, x, analytic_kl=True, num_particles=2000)
+    assert terms.analytic_sites == () and terms.sampled_sites == ("z",)
+    assert_within_stderr(terms.elbo, bt.elbo(x), terms.stderr)
+
+    pyro.set_rng_seed(3)
+    with pytest.warns(UserWarning, match="'z'"):
+        analytic = estimate_elbo(bt.model, bt.guide, x, analytic_kl=True, num_particles=5)
+    pyro.set_rng_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampled = estimate_elbo(bt.model, bt.guide, x, analytic_kl=False, num_particles=5)
+    torch.testing.assert_close(analytic, sampled)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunking, scale, side effects.
+
+
+def test_chunked_draws_match_recomputed_weights():
+    """The curve for K is log mean exp of the first K log-weights, however the draws are split:
+    record every z the model sees and recompute the weights in closed form."""
+    lg = LinearGaussian()
+    x = lg.sample(5)
+    recorded = []
+
+    def model(x):
+        recorded.append(lg.model(x))
+
+    curve = estimate_log_likelihood_curve(
+        model, lg.poor_guide, x, ks=(1, 3, 8, 20), chunk_size=3, batch_size=2
+    )
+    # passes: for each batch of 2 datapoints, 7 chunks of at most 3 draws (20 = 6 * 3 + 2)
+    batches = [torch.cat(recorded[i : i + 7]) for i in range(0, len(recorded), 7)]
+    z = torch.cat(batches, dim=1)
+    assert z.shape == (20, 5, lg.latent_dim)
+    loc, scale = lg.poor_guide_params(x)
+    log_w = (
+        dist.Normal(z @ lg.W.T + lg.b, lg.sigma).to_event(1).log_prob(x)
+        + dist.Normal(0.0, torch.ones_like(loc)).to_event(1).log_prob(z)
+        - dist.Normal(loc, scale).to_event(1).log_prob(z)
+    )
+    for k, estimate in curve.items():
+        torch.testing.assert_close(estimate, log_w[:k].logsumexp(0) - math.log(k))
+
+
+@pytest.mark.parametrize(
+    "chunk_size, batch_size, max_elements",
+    [(None, None, 1), (3, None, 2**22), (None, 2, 2**22), (1, 1, 2**22), (500, 7, 2**22)],
+)
+def test_chunking_exact_posterior_identical(chunk_size, batch_size, max_elements):
+    lg = LinearGaussian()
+    x = lg.sample(5)
+    kwargs = dict(chunk_size=chunk_size, batch_size=batch_size, max_elements=max_elements)
+    estimate = estimate_log_likelihood(lg.model, lg.exact_guide, x, 8, **kwargs)
+    torch.testing.assert_close(estimate, lg.log_likelihood(x))
+    elbo = estimate_elbo(lg.model, lg.exact_guide, x, num_particles=8, **kwargs)
+    torch.testing.assert_close(elbo, lg.log_likelihood(x))
+
+
+def test_chunking_poor_guide_agrees_within_stderr():
+    lg = LinearGaussian()
+    x = lg.sample(6)
+    whole, stderr = estimate_log_likelihood(lg.model, lg.poor_guide, x, 3000, return_stderr=True)
+    assert_within_stderr(whole, lg.log_likelihood(x), stderr, atol=0.01)
+    chunked, stderr_chunked = estimate_log_likelihood(
+        lg.model, lg.poor_guide, x, 3000, chunk_size=128, batch_size=4, return_stderr=True
+    )
+    assert_within_stderr(chunked, whole, (stderr**2 + stderr_chunked**2).sqrt())
+    terms = estimate_elbo_terms(lg.model, lg.poor_guide, x, num_particles=3000)
+    chunked_terms = estimate_elbo_terms(
+        lg.model, lg.poor_guide, x, num_particles=3000, chunk_size=128, batch_size=4
+    )
+    torch.testing.assert_close(chunked_terms.stderr, terms.stderr, rtol=0.1, atol=0)
+    assert_within_stderr(chunked_terms.elbo, terms.elbo, 2**0.5 * terms.stderr)
+
+
+def test_running_accumulators_match_direct_computation():
+    values = 30 * torch.randn(50, 4, dtype=torch.float64) - 100
+    log_mean_exp, moments = _RunningLogMeanExp(), _RunningMoments()
+    for chunk in values.split(7):
+        log_mean_exp.update(chunk)
+        moments.update(chunk)
+    estimate, stderr = log_mean_exp.result()
+    torch.testing.assert_close(estimate, values.logsumexp(0) - math.log(50))
+    w = (values - values.max(0).values).exp()
+    expected = (w.var(0) / (50 * w.mean(0) ** 2)).sqrt()
+    torch.testing.assert_close(stderr, expected)
+    torch.testing.assert_close(moments.mean, values.mean(0))
+    torch.testing.assert_close(moments.stderr(), values.std(0) / 50**0.5)
+
+
+def test_scale_is_ignored_mask_is_honoured():
+    lg = LinearGaussian()
+    x = lg.sample(6)
+
+    def scaled(fn):
+        def wrapped(x):
+            with poutine.scale(scale=0.1):
+                fn(x)
+
+        return wrapped
+
+    results = []
+    for model, guide in [(lg.model, lg.poor_guide), (scaled(lg.model), scaled(lg.poor_guide))]:
+        pyro.set_rng_seed(5)
+        results.append(
+            (
+                estimate_elbo(model, guide, x, num_particles=4),
+                estimate_elbo(model, guide, x, analytic_kl=True, num_particles=4),
+                estimate_log_likelihood(model, guide, x, 4),
+            )
+        )
+    for plain, beta in zip(*results, strict=True):
+        torch.testing.assert_close(plain, beta)
+
+    mask = torch.tensor([True, False, True, True, False, True])
+    masked = estimate_elbo(
+        poutine.mask(lg.model, mask=mask), poutine.mask(lg.poor_guide, mask=mask), x
+    )
+    assert (masked[~mask] == 0).all() and (masked[mask] < 0).all()
+
+
+class TinyModel(nn.Module):
+    """A model with a network (pyro.module) and a guide with constrained pyro.params."""
+
+    def __init__(self):
+        super().__init__()
+        self.decoder = nn.Linear(2, 4)
+
+    def model(self, x):
+        pyro.module("decoder", self.decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(self.decoder(z), 0.5).to_event(1), obs=x)
+
+    def guide(self, x):
+        weight = pyro.param("weight", torch.zeros(4, 2))
+        scale = pyro.param("scale", torch.ones(2), constraint=constraints.positive)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x @ weight, scale).to_event(1))
+
+
+def param_snapshot():
+    store = pyro.get_param_store()
+    return {name: store.get_param(name).detach().clone() for name in store.keys()}
+
+
+def test_estimators_do_not_change_parameters():
+    tiny = TinyModel()
+    x = torch.randn(5, 4)
+    estimate_elbo(tiny.model, tiny.guide, x)  # registers the parameters, as SVI would
+    before = param_snapshot()
+    assert set(before) == {"decoder$$$weight", "decoder$$$bias", "weight", "scale"}
+    elbo = estimate_elbo(tiny.model, tiny.guide, x, analytic_kl=True, num_particles=3)
+    log_px = estimate_log_likelihood(tiny.model, tiny.guide, x, 10)
+    curve = estimate_log_likelihood_curve(tiny.model, tiny.guide, x, ks=(1, 5))
+    assert not elbo.requires_grad and not log_px.requires_grad
+    assert not any(v.requires_grad for v in curve.values())
+    after = param_snapshot()
+    assert set(after) == set(before)
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    store = pyro.get_param_store()
+    assert all(store.get_param(name).unconstrained().grad is None for name in store.keys())
+
+
+def test_differentiable_elbo_has_gradients():
+    tiny = TinyModel()
+    x = torch.randn(5, 4)
+    elbo = estimate_elbo(tiny.model, tiny.guide, x, num_particles=2, differentiable=True)
+    elbo.sum().backward()
+    assert tiny.decoder.weight.grad is not None and tiny.decoder.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_follows_x():
+    tiny = TinyModel().cuda()
+    x = torch.randn(5, 4, device="cuda")
+    pyro.param("weight", torch.zeros(4, 2, device="cuda"))
+    pyro.param("scale", torch.ones(2, device="cuda"), constraint=constraints.positive)
+    assert estimate_elbo(tiny.model, tiny.guide, x, analytic_kl=True).device == x.device
+    assert estimate_log_likelihood(tiny.model, tiny.guide, x, 10).device == x.device
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input and broken contracts.
+
+
+def test_bad_arguments_errors():
+    lg = LinearGaussian()
+    x = lg.sample(3)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        estimate_elbo(lg.model, lg.exact_guide, x.tolist())
+    with pytest.raises(ValueError, match="num_samples must be a positive integer, got 0"):
+        estimate_log_likelihood(lg.model, lg.exact_guide, x, num_samples=0)
+    with pytest.raises(ValueError, match="num_particles must be a positive integer, got 2.5"):
+        estimate_elbo(lg.model, lg.exact_guide, x, num_particles=2.5)
+    with pytest.raises(ValueError, match="ks must name at least one"):
+        estimate_log_likelihood_curve(lg.model, lg.exact_guide, x, ks=())
+    with pytest.raises(ValueError, match="every K in ks must be a positive integer, got -1"):
+        estimate_log_likelihood_curve(lg.model, lg.exact_guide, x, ks=(10, -1))
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
+        estimate_log_likelihood(lg.model, lg.exact_guide, x, 5, chunk_size=0)
+    with pytest.raises(ValueError, match="max_elements must be a positive integer"):
+        estimate_elbo(lg.model, lg.exact_guide, x, max_elements=0)
+    with pytest.raises(ValueError, match="plate_name 'particles' is reserved"):
+        estimate_elbo(lg.model, lg.exact_guide, x, plate_name="particles")
+    with pytest.raises(ValueError, match=r"N >= 1, got \(0, 5\)"):
+        estimate_elbo(lg.model, lg.exact_guide, x[:0])
+
+
+def test_wrong_plate_name_error():
+    lg = LinearGaussian()
+    with pytest.raises(
+        ValueError, match=r"site 'z' is not inside a vectorized pyro.plate\('batch'"
+    ):
+        estimate_elbo(lg.model, lg.exact_guide, lg.sample(3), plate_name="batch")
+
+
+def test_global_latent_error():
+    def model(x):
+        shift = pyro.sample("shift", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(shift, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("shift", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="'shift' is not inside"):
+        estimate_log_likelihood(model, guide, torch.randn(3), 5)
+
+
+def test_latent_missing_from_guide_error():
+    lg = LinearGaussian()
+
+    def empty_guide(x):
+        pass
+
+    with pytest.raises(ValueError, match="model latent site 'z' is not sampled by the guide"):
+        estimate_elbo(lg.model, empty_guide, lg.sample(3))
+
+
+def test_batch_dims_left_of_plates_error():
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(x.new_zeros(2, 1, 1, 1), 1.0).to_event(1), obs=x)
+
+    with pytest.raises(ValueError, match=r"site 'x' has batch shape \(2, 1, 3\)"):
+        estimate_elbo(model, lambda x: None, torch.randn(3, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The built-in VAE: every registered prior and guide.
+
+
+def small_vae(**kwargs):
+    torch.manual_seed(0)
+    return VAE(data_dim=16, latent_dim=2, hidden_dims=(8,), **kwargs).eval()
+
+
+def vae_cases():
+    yield from ({"prior": name} for name in sorted(PRIORS))
+    yield from ({"guide": name} for name in sorted(GUIDES) if name != "diagonal")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kwargs", list(vae_cases()), ids=lambda kw: "-".join(kw.values()))
+def test_vae_elbo_estimators_and_iwae_agree(kwargs):
+    vae = small_vae(**kwargs)
+    x = torch.bernoulli(torch.full((1, 16), 0.3)).expand(3000, -1)  # replicates of one image
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # priors/guides without a registered KL
+        terms = estimate_elbo_terms(vae.model, vae.guide, x, analytic_kl=True)
+    mc = estimate_elbo(vae.model, vae.guide, x)
+    iwae_1 = estimate_log_likelihood(vae.model, vae.guide, x, num_samples=1)
+    iwae_100 = estimate_log_likelihood(vae.model, vae.guide, x[:10], num_samples=300)
+    assert set(terms.analytic_sites + terms.sampled_sites) == {"z"}
+    for other in (mc, iwae_1):
+        stderr = (terms.elbo.var() / 3000 + other.var() / 3000).sqrt()
+        assert (terms.elbo.mean() - other.mean()).abs() < 4.5 * stderr
+    assert iwae_100.mean() > terms.elbo.mean()
+    assert torch.isfinite(iwae_100).all()
+
+
+def test_vae_kl_scale_is_ignored():
+    vae = small_vae()
+    x = torch.bernoulli(torch.full((4, 16), 0.3))
+    results = []
+    for kl_scale in (1.0, 0.01):
+        vae.kl_scale = kl_scale
+        pyro.set_rng_seed(1)
+        results.append(estimate_elbo_terms(vae.model, vae.guide, x, True, num_particles=3))
+    torch.testing.assert_close(results[0].elbo, results[1].elbo)
+    torch.testing.assert_close(results[0].kl, results[1].kl)

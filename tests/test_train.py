@@ -1,0 +1,122 @@
+import math
+
+import pytest
+import torch
+
+from pyro_vae import VAE, Config, evaluate_elbo, fit
+from pyro_vae.runs import load_checkpoint, read_metrics
+from pyro_vae.train import kl_weight, resolve_binarize, resolve_device
+
+
+def small_config(**kwargs):
+    return Config(
+        **{"latent_dim": 4, "hidden_dims": [32], "epochs": 2, "batch_size": 100, **kwargs}
+    )
+
+
+def small_vae(config):
+    return VAE(64, latent_dim=config.latent_dim, hidden_dims=config.hidden_dims)
+
+
+def strip_seconds(rows):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("elbo", ["trace", "meanfield"])
+def test_training_loss_falls_on_average(digits, elbo):
+    config = small_config(epochs=30, elbo=elbo, lr=3e-3)
+    rows = fit(small_vae(config), digits, config)
+    first = sum(r["train_elbo"] for r in rows[:5]) / 5
+    last = sum(r["train_elbo"] for r in rows[-5:]) / 5
+    assert last > first + 3.0, (first, last)
+    assert rows[-1]["test_elbo"] > rows[0]["test_elbo"] + 3.0
+
+
+def test_same_seed_same_numbers(digits):
+    results = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        config = small_config(seed=7, num_particles=2)
+        results.append(strip_seconds(fit(small_vae(config), digits, config)))
+    assert results[0] == results[1]
+    config = small_config(seed=8, num_particles=2)
+    torch.manual_seed(123)
+    assert strip_seconds(fit(small_vae(config), digits, config)) != results[0]
+
+
+def test_metrics_rows_have_the_documented_columns(digits):
+    config = small_config()
+    rows = fit(small_vae(config), digits, config)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert set(rows[0]) == {"epoch", "step", "kl_scale", "train_elbo", "test_elbo", "seconds"}
+    assert rows[-1]["step"] == 2 * math.ceil(len(digits.train_x) / 100)
+    assert all(r["test_elbo"] < 0 and r["seconds"] > 0 for r in rows)
+
+
+def test_evaluate_elbo_leaves_parameters_and_kl_scale_alone(digits):
+    vae = VAE(64, latent_dim=2, hidden_dims=(16,))
+    vae.kl_scale = 0.3
+    before = [p.clone() for p in vae.parameters()]
+    value = evaluate_elbo(vae, digits.test_x, "meanfield", num_particles=3)
+    assert math.isfinite(value) and value < 0
+    assert vae.kl_scale == 0.3
+    assert all(torch.equal(a, b) for a, b in zip(before, vae.parameters()))
+
+
+def test_kl_warmup_is_linear_then_beta():
+    config = small_config(beta=2.0, warmup_epochs=2)
+    weights = [kl_weight(config, step, steps_per_epoch=5) for step in range(12)]
+    assert weights[0] == pytest.approx(0.2)
+    assert weights[4] == pytest.approx(1.0)
+    assert weights[9:] == [2.0, 2.0, 2.0]
+    assert all(a <= b for a, b in zip(weights, weights[1:]))
+    assert kl_weight(small_config(beta=0.5), 0, 5) == 0.5
+
+
+def test_warmup_shows_in_metrics(digits):
+    config = small_config(warmup_epochs=2, epochs=3)
+    rows = fit(small_vae(config), digits, config)
+    assert rows[0]["kl_scale"] == pytest.approx(0.5)
+    assert rows[1]["kl_scale"] == rows[2]["kl_scale"] == 1.0
+
+
+def test_resolve_binarize_follows_the_likelihood_support():
+    vae = VAE(64, hidden_dims=(8,))
+    assert resolve_binarize(None, vae.likelihood) == "dynamic"
+    assert resolve_binarize("none", vae.likelihood) == "none"
+    gaussian = VAE(64, hidden_dims=(8,), likelihood="normal")
+    assert resolve_binarize(None, gaussian.likelihood) == "none"
+
+
+def test_resolve_device(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="'cuda' was requested but CUDA is not available"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown device 'gpu'; choose auto, cpu, cuda"):
+        resolve_device("gpu")
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(digits, tmp_path):
+    config = small_config(epochs=3)
+    vae = small_vae(config)
+
+    def poison(row):
+        if row["epoch"] == 1:
+            with torch.no_grad():
+                vae.decoder[0].weight.fill_(float("nan"))
+
+    with pytest.raises(FloatingPointError, match=r"loss became nan at epoch 2, step 16"):
+        fit(vae, digits, config, run_dir=tmp_path, on_epoch_end=poison)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1]
+
+
+def test_data_outside_the_likelihood_support_is_refused(digits):
+    config = small_config(binarize="none")
+    with pytest.raises(ValueError, match=r"'bernoulli' needs data in \{0, 1\}.*--binarize"):
+        fit(small_vae(config), digits, config)

@@ -1,0 +1,146 @@
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.util import torch_item
+from pyro.poutine.util import site_is_subsample
+
+from pyro_vae import VAE
+from pyro_vae.vae import point_estimate
+
+
+def small_vae(**kwargs):
+    return VAE(data_dim=64, latent_dim=3, hidden_dims=(16, 8), **kwargs)
+
+
+def binary_data(n=5):
+    return torch.bernoulli(torch.full((n, 64), 0.3))
+
+
+def sample_sites(trace):
+    return {
+        name: site
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site_is_subsample(site)
+    }
+
+
+def test_model_and_guide_sites_and_shapes():
+    vae = small_vae()
+    x = binary_data(5)
+    guide_trace = poutine.trace(vae.guide).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+    model_sites = sample_sites(model_trace)
+    guide_sites = sample_sites(guide_trace)
+    assert set(model_sites) == {"z", "x"}
+    assert set(guide_sites) == {"z"}
+    assert model_sites["z"]["value"].shape == (5, 3)
+    assert model_sites["z"]["fn"].event_shape == (3,)
+    assert model_sites["x"]["fn"].event_shape == (64,)
+    assert model_sites["x"]["is_observed"]
+    assert [f.name for f in model_sites["x"]["cond_indep_stack"]] == ["data"]
+    assert [f.name for f in guide_sites["z"]["cond_indep_stack"]] == ["data"]
+    model_trace.compute_log_prob()
+    assert model_trace.nodes["x"]["log_prob"].shape == (5,)
+
+
+def test_model_and_guide_are_consistent_under_validation():
+    vae = small_vae()
+    x = binary_data(7)
+    for elbo in (Trace_ELBO(), TraceMeanField_ELBO()):
+        # Pyro validation (on in every test) checks supports, shapes and guide/model sites.
+        assert torch.isfinite(elbo.differentiable_loss(vae.model, vae.guide, x))
+    vectorized = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    assert torch.isfinite(vectorized.differentiable_loss(vae.model, vae.guide, x))
+
+
+def test_guide_scale_is_strictly_positive_for_extreme_encoder_outputs():
+    vae = small_vae()
+    with torch.no_grad():
+        for p in vae.encoder.parameters():
+            p.fill_(-1e4)
+    q = vae.encode(torch.ones(2, 64))
+    assert (q.base_dist.scale > 0).all()
+    assert torch.isfinite(q.log_prob(q.rsample())).all()
+
+
+def test_kl_scale_multiplies_the_kl_term_of_the_elbo():
+    vae = small_vae()
+    x = binary_data(4)
+
+    def elbo_terms():
+        pyro.set_rng_seed(1)
+        guide_trace = poutine.trace(vae.guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+        log_px = model_trace.nodes["x"]["fn"].log_prob(x).sum().item()
+        return torch_item(model_trace.log_prob_sum() - guide_trace.log_prob_sum()), log_px
+
+    full, log_px = elbo_terms()
+    vae.kl_scale = 0.25
+    scaled, log_px_again = elbo_terms()
+    assert log_px == pytest.approx(log_px_again)
+    # ELBO = log p(x|z) - KL, so scaling the KL by 1/4 moves the ELBO by 3/4 of the KL term.
+    kl = log_px - full
+    assert scaled == pytest.approx(log_px - 0.25 * kl, rel=1e-5)
+
+
+def test_reconstruct_and_sample_shapes_and_range():
+    vae = small_vae()
+    x = binary_data(6)
+    recon = vae.reconstruct(x)
+    samples = vae.sample(9)
+    assert recon.shape == (6, 64) and samples.shape == (9, 64)
+    for images in (recon, samples):
+        assert ((images >= 0) & (images <= 1)).all()
+        assert not images.requires_grad
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"latent_dim": 0}, "latent_dim must be a positive integer, got 0"),
+        ({"hidden_dims": (16, -1)}, "every hidden size must be a positive integer, got -1"),
+        ({"prior": "nope"}, "unknown prior 'nope'; choose one of"),
+        ({"likelihood": "nope"}, "unknown likelihood 'nope'; choose one of"),
+        ({"guide": "nope"}, "unknown guide 'nope'; choose one of"),
+        ({"activation": "nope"}, "unknown activation 'nope'; choose one of"),
+    ],
+)
+def test_vae_bad_arguments_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        VAE(data_dim=64, **{"hidden_dims": (8,), **kwargs})
+
+
+@pytest.mark.parametrize(
+    "x, error, match",
+    [
+        (torch.zeros(3, 10), ValueError, r"x must have shape \(N, 64\), got \(3, 10\)"),
+        (torch.zeros(3, 8, 8), ValueError, r"got \(3, 8, 8\); flatten images"),
+        (torch.zeros(3, 64, dtype=torch.long), TypeError, "floating-point .* got torch.int64"),
+        ([[0.0] * 64], TypeError, "floating-point torch.Tensor, got list"),
+    ],
+)
+def test_model_rejects_bad_data_shapes_and_dtypes(x, error, match):
+    vae = small_vae()
+    with pytest.raises(error, match=match):
+        vae.guide(x)
+    with pytest.raises(error, match=match):
+        vae.model(x)
+
+
+def test_point_estimate_falls_back_to_a_sample_without_closed_form_mean():
+    base = pyro.distributions.Normal(torch.zeros(3), 1.0)
+    flow = pyro.distributions.TransformedDistribution(
+        base, [pyro.distributions.transforms.ExpTransform().inv.inv]
+    )
+    assert torch.allclose(point_estimate(base), torch.zeros(3))
+    assert (point_estimate(flow) > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vae_works_in_float64_and_float32(dtype):
+    vae = small_vae().to(dtype)
+    x = binary_data(3).to(dtype)
+    loss = Trace_ELBO().differentiable_loss(vae.model, vae.guide, x)
+    assert loss.dtype == dtype and torch.isfinite(loss)
