@@ -35,9 +35,10 @@ trained with. Masks (``poutine.mask`` or ``Distribution.mask``) are applied: a m
 contributes zero, as in Pyro's ELBOs.
 
 **No side effects.** The estimators run under :func:`torch.no_grad` (the ELBO can opt out with
-``differentiable=True``), never step an optimizer and never write to the param store; the model
-and guide register their parameters as usual (``pyro.module``/``pyro.param`` leave existing
-values untouched). Put networks with dropout or batch norm in ``eval()`` mode first. Randomness
+``differentiable=True``), never step an optimizer and never write to the param store
+themselves: the model and guide register their parameters as usual, which leaves existing values
+untouched (a ``pyro.param`` name not yet in the store is created, as a first SVI step would
+create it). Put networks with dropout or batch norm in ``eval()`` mode first. Randomness
 comes from the global torch RNG, so ``torch.manual_seed``/``pyro.set_rng_seed`` make results
 reproducible. All tensors follow the device and dtype of ``x`` and of the model's parameters.
 
@@ -63,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -133,7 +135,7 @@ def estimate_elbo(
     average over ``num_particles`` draws z ~ q(z|x) of log p(x, z) - log q(z|x); with
     ``analytic_kl=True`` that of :class:`~pyro.infer.TraceMeanField_ELBO`, the average of
     log p(x|z) minus the closed-form KL(q(z|x) || p(z)). Both are unbiased for the same ELBO
-    (with beta = 1, see the module notes on scale); the second has lower variance.
+    (with beta = 1, see the module notes on scale); the second usually has lower variance.
 
     See :func:`estimate_elbo_terms` for the parameters.
 
@@ -143,9 +145,11 @@ def estimate_elbo(
 
     [1] `Auto-Encoding Variational Bayes`, Diederik P. Kingma, Max Welling (ICLR 2014).
 
-    >>> vae = VAE(data_dim=64, latent_dim=2, hidden_dims=(32,))  # doctest: +SKIP
-    >>> estimate_elbo(vae.model, vae.guide, x, analytic_kl=True).shape  # doctest: +SKIP
-    torch.Size([N])
+    >>> from pyro_vae import VAE
+    >>> vae = VAE(data_dim=64, latent_dim=2, hidden_dims=(32,)).eval()
+    >>> x = torch.bernoulli(torch.full((5, 64), 0.3))
+    >>> estimate_elbo(vae.model, vae.guide, x, analytic_kl=True).shape
+    torch.Size([5])
     """
     return estimate_elbo_terms(
         model,
@@ -296,9 +300,12 @@ def estimate_log_likelihood(
     [1] `Importance Weighted Autoencoders`, Yuri Burda, Roger Grosse, Ruslan Salakhutdinov
         (ICLR 2016).
 
-    >>> log_px, stderr = estimate_log_likelihood(
-    ...     vae.model, vae.guide, x, num_samples=1000, return_stderr=True
-    ... )  # doctest: +SKIP
+    >>> from pyro_vae import VAE
+    >>> vae = VAE(data_dim=64, latent_dim=2, hidden_dims=(32,)).eval()
+    >>> x = torch.bernoulli(torch.full((5, 64), 0.3))
+    >>> log_px, stderr = estimate_log_likelihood(vae.model, vae.guide, x, 1000, return_stderr=True)
+    >>> log_px.shape, stderr.shape
+    (torch.Size([5]), torch.Size([5]))
     """
     _check_positive_int("num_samples", num_samples)
     curve = estimate_log_likelihood_curve(
@@ -335,6 +342,8 @@ def estimate_log_likelihood_curve(
     them, exactly as :func:`estimate_log_likelihood` with ``num_samples=K`` would. This costs
     no more than the largest K alone, which is how a report of the IWAE bound for
     K = 1, 10, ..., 5000 stays affordable. The estimates for different K are correlated.
+    For scale: K = 5000 over the 10,000 MNIST test images (decoder 20-400-400-784) is 5e7
+    decoder evaluations, about 18 CPU-core minutes in float32 in our measurements.
 
     :param callable model: Pyro model ``model(x)``; see the module notes for the contract.
     :param callable guide: Pyro guide ``guide(x)``, the proposal.
@@ -356,10 +365,12 @@ def estimate_log_likelihood_curve(
     [1] `Importance Weighted Autoencoders`, Yuri Burda, Roger Grosse, Ruslan Salakhutdinov
         (ICLR 2016).
 
+    >>> from pyro_vae import VAE
+    >>> vae = VAE(data_dim=64, latent_dim=2, hidden_dims=(32,)).eval()
+    >>> x = torch.bernoulli(torch.full((5, 64), 0.3))
     >>> curve = estimate_log_likelihood_curve(vae.model, vae.guide, x, ks=(1, 10, 100))
-    ... # doctest: +SKIP
-    >>> {k: v.mean().item() for k, v in curve.items()}  # doctest: +SKIP
-    {1: -98.1, 10: -94.3, 100: -93.0}
+    >>> sorted(curve), curve[100].shape
+    ([1, 10, 100], torch.Size([5]))
     """
     ks = _check_ks(ks)
     num_samples = ks[-1]
@@ -443,7 +454,9 @@ def _evaluate(
                 sites.missing_kl[name] = f"q is {q}, p is {p}"
             else:
                 kl_site = scale_and_mask(kl_site, 1.0, guide_site["mask"])
-                kl = kl + to_shape(torch.as_tensor(kl_site, dtype=x.dtype, device=x.device))
+                if not torch.is_tensor(kl_site):
+                    kl_site = log_lik.new_tensor(kl_site)
+                kl = kl + to_shape(kl_site)
                 sites.analytic += (name,)
                 continue
         kl = kl + to_shape(_unscaled_log_prob(guide_site)) - to_shape(_unscaled_log_prob(site))
@@ -534,7 +547,7 @@ def _check_args(
 
 
 def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -544,7 +557,7 @@ def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
         raise ValueError("ks must name at least one number of samples, got an empty sequence")
     for k in ks:
         _check_positive_int("every K in ks", k)
-    return tuple(sorted(set(ks)))
+    return tuple(sorted({int(k) for k in ks}))
 
 
 def _chunk_sizes(

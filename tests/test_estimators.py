@@ -222,16 +222,18 @@ def test_elbo_poor_guide_matches_closed_form(analytic_kl):
     assert (lg.log_likelihood(x) - (reconstruction - kl) > 0.1).all()  # the guide is poor
 
 
+@pytest.mark.slow
 def test_iwae_gap_shrinks_with_num_samples():
     lg = LinearGaussian(shift=1.0)  # gaps of about 7, 1.4, 0.2, 0.02 nats
     x = lg.sample(200)
     curve = estimate_log_likelihood_curve(lg.model, lg.poor_guide, x, ks=(1, 10, 100, 1000))
     exact = lg.log_likelihood(x)
     gaps = [(exact - estimate).mean().item() for estimate in curve.values()]
-    assert gaps[0] > gaps[1] > gaps[2] > gaps[3] > -0.01, gaps
+    assert gaps[0] > gaps[1] > gaps[2] > gaps[3] > -0.05, gaps  # last: mean of 200 +- 0.02
     assert gaps[3] < 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("analytic_kl", [False, True])
 def test_more_particles_same_mean_lower_variance(analytic_kl):
     lg = LinearGaussian()

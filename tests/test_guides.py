@@ -1,3 +1,4 @@
+import pyro
 import pyro.distributions as dist
 import pytest
 import torch
@@ -178,3 +179,13 @@ def test_meanfield_elbo_uses_the_closed_form_kl_exactly_when_reported(prior, gui
     losses = {elbo.loss(vae.model, vae.guide, x) for _ in range(3)}
     analytic = has_analytic_kl(vae.encode(x), vae.prior())
     assert (len(losses) == 1) == analytic
+
+
+@pytest.mark.parametrize("name", sorted(GUIDES))
+def test_guide_survives_a_state_dict_round_trip(name):
+    saved = VAE(16, LATENT_DIM, (8,), guide=name)
+    pyro.set_rng_seed(1)
+    loaded = VAE(16, LATENT_DIM, (8,), guide=name)
+    loaded.load_state_dict(saved.state_dict())
+    x, z = torch.rand(4, 16), torch.randn(4, LATENT_DIM)
+    torch.testing.assert_close(loaded.encode(x).log_prob(z), saved.encode(x).log_prob(z))

@@ -202,3 +202,13 @@ def test_get_prior_unknown_name_error():
 def test_prior_bad_option_errors(name, kwargs, message):
     with pytest.raises(ValueError, match=message):
         get_prior(name, 2, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(PRIORS))
+def test_prior_survives_a_state_dict_round_trip(name):
+    saved = small_vae(name)
+    pyro.set_rng_seed(1)
+    loaded = small_vae(name)
+    loaded.load_state_dict(saved.state_dict())
+    z = torch.randn(4, LATENT_DIM)
+    torch.testing.assert_close(loaded.prior().log_prob(z), saved.prior().log_prob(z))
