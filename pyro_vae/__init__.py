@@ -1,7 +1,21 @@
 """pyro_vae: variational autoencoders written as Pyro model/guide pairs."""
 
+from pyro_vae.compare import (
+    compare_elbo_variance,
+    compare_gradient_variance,
+    compare_run,
+    compare_training,
+)
 from pyro_vae.config import Config
 from pyro_vae.data import DATASETS, Dataset, iterate_batches, load_dataset
+from pyro_vae.estimators import (
+    ELBOTerms,
+    estimate_elbo,
+    estimate_elbo_terms,
+    estimate_log_likelihood,
+    estimate_log_likelihood_curve,
+)
+from pyro_vae.evaluate import active_units, evaluate_run, evaluate_vae
 from pyro_vae.guides import GUIDES, GuideFamily, get_guide
 from pyro_vae.likelihoods import LIKELIHOODS, Likelihood, get_likelihood
 from pyro_vae.objectives import ELBOS, get_elbo
@@ -17,6 +31,7 @@ __all__ = [
     "DATASETS",
     "Dataset",
     "ELBOS",
+    "ELBOTerms",
     "GUIDES",
     "GuideFamily",
     "LIKELIHOODS",
@@ -25,7 +40,18 @@ __all__ = [
     "Prior",
     "Run",
     "VAE",
+    "active_units",
+    "compare_elbo_variance",
+    "compare_gradient_variance",
+    "compare_run",
+    "compare_training",
+    "estimate_elbo",
+    "estimate_elbo_terms",
+    "estimate_log_likelihood",
+    "estimate_log_likelihood_curve",
     "evaluate_elbo",
+    "evaluate_run",
+    "evaluate_vae",
     "fit",
     "get_elbo",
     "get_guide",

@@ -108,6 +108,7 @@ def load_dataset(
     data_dir: str | os.PathLike | None = None,
     binarize: str = "none",
     device: str | torch.device = "cpu",
+    download: bool = True,
 ) -> Dataset:
     """Load a registered dataset with its fixed train/test split.
 
@@ -146,7 +147,7 @@ def load_dataset(
         raise ValueError(f"unknown device {device!r}; use e.g. 'cpu' or 'cuda'") from err
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
 
-    data = DATASETS[name](root)
+    data = DATASETS[name](root, download)
     # Binarize on the CPU so the fixed draws do not depend on the device.
     if binarize != "none":
         data.test_x = _binarize_with_seed(data.test_x, _TEST_BINARIZATION_SEED)
@@ -232,7 +233,7 @@ def _binarize_with_seed(x: Tensor, seed: int) -> Tensor:
     return torch.bernoulli(x, generator=generator)
 
 
-def _load_digits(root: Path) -> Dataset:
+def _load_digits(root: Path, download: bool = True) -> Dataset:
     """scikit-learn's 1797 real 8x8 digits (bundled, no download), 1497 train / 300 test."""
     from sklearn.datasets import load_digits
 
@@ -246,23 +247,26 @@ def _load_digits(root: Path) -> Dataset:
     return Dataset("digits", x[train_idx], y[train_idx], x[test_idx], y[test_idx], (8, 8))
 
 
-def _load_mnist(root: Path) -> Dataset:
+def _load_mnist(root: Path, download: bool = True) -> Dataset:
     """MNIST (LeCun et al. 1998), 60000 train / 10000 test 28x28 digits."""
-    return _load_idx_dataset("mnist", "MNIST", root)
+    return _load_idx_dataset("mnist", "MNIST", root, download)
 
 
-def _load_fashion_mnist(root: Path) -> Dataset:
+def _load_fashion_mnist(root: Path, download: bool = True) -> Dataset:
     """Fashion-MNIST (Xiao et al. 2017), 60000 train / 10000 test 28x28 clothing images."""
-    return _load_idx_dataset("fashion-mnist", "FashionMNIST", root)
+    return _load_idx_dataset("fashion-mnist", "FashionMNIST", root, download)
 
 
-def _load_idx_dataset(name: str, class_name: str, root: Path) -> Dataset:
+def _load_idx_dataset(name: str, class_name: str, root: Path, download: bool = True) -> Dataset:
     import torchvision.datasets  # slow import, only needed here
 
     cls = getattr(torchvision.datasets, class_name)
     raw_dir = root / class_name / "raw"
     _check_idx_files(raw_dir)
     missing = [f for f in _IDX_FILES if not (raw_dir / f).exists()]
+    if missing and not download:
+        reason = "downloading is off (the folder was read from a run's config.json)"
+        raise FileNotFoundError(_missing_files_message(cls, raw_dir, missing, reason))
     if missing:
         _download(cls, root, raw_dir, missing)
     train, test = (cls(root=root, train=split, download=False) for split in (True, False))
@@ -287,7 +291,7 @@ def _download(cls: type, root: Path, raw_dir: Path, missing: list[str]) -> None:
     try:
         cls(root=root, train=True, download=True)
     except Exception as err:  # torchvision raises many types (URLError, RuntimeError, ...)
-        reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+        reason = f"the download failed ({type(err).__name__}: {' '.join(str(err).split())})"
         raise FileNotFoundError(_missing_files_message(cls, raw_dir, missing, reason)) from err
     _check_idx_files(raw_dir)
     still_missing = [f for f in _IDX_FILES if not (raw_dir / f).exists()]
@@ -301,11 +305,10 @@ def _missing_files_message(cls: type, raw_dir: Path, missing: list[str], reason:
         f"no {cls.__name__} files" if len(missing) == len(_IDX_FILES) else f"{missing} missing"
     )
     return (
-        f"{lacking} in {raw_dir} and the download failed; "
+        f"{lacking} in {raw_dir} and {reason[:300]}; "
         f"put the 4 uncompressed files {list(_IDX_FILES)} there (download the .gz files "
         f"from {cls.mirrors[0]} and gunzip them, or copy them from another machine), or pass "
-        f"--data-dir / set PYRO_VAE_DATA to a directory holding {cls.__name__}/raw/ "
-        f"(cause: {reason[:300]})"
+        f"--data-dir / set PYRO_VAE_DATA to a directory holding {cls.__name__}/raw/"
     )
 
 

@@ -24,6 +24,8 @@ from torch.distributions import Independent, MultivariateNormal, Normal, registe
 from torch.distributions import kl_divergence as _kl_divergence
 from torch.nn import functional as F
 
+from pyro_vae.parts import Part
+
 #: Added to softplus scales so that q(z|x) never collapses to a point, whatever the encoder says.
 MIN_SCALE = 1e-4
 
@@ -86,7 +88,7 @@ def _kl_mvn_diagonal_normal(q: MultivariateNormal, p: Independent) -> torch.Tens
     return 0.5 * (trace + mahalanobis - q.event_shape[0]) + log_det_p - log_det_q
 
 
-class GuideFamily(nn.Module):
+class GuideFamily(Part):
     """Base class of variational families.
 
     :param int latent_dim: size of the latent code.

@@ -18,8 +18,10 @@ from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 from torch.nn import functional as F
 
+from pyro_vae.parts import Part
 
-class Likelihood(nn.Module):
+
+class Likelihood(Part):
     """Base class of likelihoods.
 
     :param int data_dim: number of features per datapoint.
@@ -389,8 +391,8 @@ class DiscretizedLogistic(Likelihood):
         self.support_text = f"multiples of 1/{levels} in [0, 1]"
         self.support_hint = (
             f"pass integer pixel levels divided by {levels}, with no dequantization noise or "
-            "binarization; set num_levels to the number of grey levels of the data "
-            "(17 for digits) or use continuous_bernoulli"
+            "binarization; set num_levels to the number of grey levels of the data (17 for "
+            "digits: --likelihood-option num_levels=17) or use continuous_bernoulli"
         )
 
     def forward(self, decoder_output: torch.Tensor) -> dist.TorchDistribution:

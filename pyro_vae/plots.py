@@ -82,9 +82,9 @@ def plot_elbo_curves(
     fig, ax = _axes(ax, (6, 4))
     for i, (label, rows) in enumerate(curves.items()):
         xs = [row[x] for row in rows]
-        color = f"C{i}"
-        ax.plot(xs, [row["train_elbo"] for row in rows], "--", color=color, label=f"{label} train")
-        ax.plot(xs, [row["test_elbo"] for row in rows], "-", color=color, label=f"{label} test")
+        color, prefix = f"C{i}", f"{label} " if label else ""
+        ax.plot(xs, [row["train_elbo"] for row in rows], "--", color=color, label=f"{prefix}train")
+        ax.plot(xs, [row["test_elbo"] for row in rows], "-", color=color, label=f"{prefix}test")
     ax.set_xlabel(x)
     ax.set_ylabel("ELBO (nats per datapoint)")
     ax.grid(alpha=0.3)
@@ -144,3 +144,63 @@ def save_figures(run_dir: str | Path, vae, dataset, metrics: list[dict]) -> list
         fig.savefig(run_dir / name, dpi=120)
         paths.append(run_dir / name)
     return paths
+
+
+def plot_training_comparison(
+    curves: dict[str, list[dict]],
+    y: str = "test_elbo",
+    ylabel: str = "test ELBO (nats per datapoint)",
+    axes: Sequence[Axes] | None = None,
+) -> Figure:
+    """One score of several training runs against steps (left) and seconds (right).
+
+    :param dict curves: label -> rows with ``step``, ``seconds`` and the column ``y``.
+    :param str y: the column for the vertical axis.
+    :param str ylabel: its label.
+    :param axes: two axes to draw into, or ``None`` for a new figure.
+    """
+    if axes is None:
+        fig = Figure(figsize=(10, 4), layout="constrained")
+        axes = fig.subplots(1, 2, sharey=True)
+    fig = axes[0].figure
+    for ax, x in zip(axes, ("step", "seconds")):
+        for i, (label, rows) in enumerate(curves.items()):
+            ax.plot([r[x] for r in rows], [r[y] for r in rows], "o-", color=f"C{i}", label=label)
+        ax.set_xlabel("training steps" if x == "step" else "training seconds")
+        ax.grid(alpha=0.3)
+    # Zoom on the last two thirds of training, where the estimators differ by a nat or so;
+    # the first epochs (hundreds of nats lower) would flatten every curve.
+    tails = [r[y] for rows in curves.values() for r in rows[len(rows) // 3 :] if r[y] is not None]
+    if tails:
+        low, high = min(tails), max(tails)
+        pad = 0.1 * (high - low) or 1.0
+        axes[0].set_ylim(low - pad, high + pad)
+    axes[0].set_ylabel(ylabel)
+    axes[0].legend()
+    return fig
+
+
+def plot_histogram(
+    values: Sequence[float],
+    xlabel: str,
+    reference: float | None = None,
+    bins: int = 40,
+    log_x: bool = False,
+    ax: Axes | None = None,
+) -> Figure:
+    """Histogram of ``values``, with an optional dashed vertical line at ``reference``.
+
+    ``log_x`` uses a logarithmic axis with geometric bins (for ratios; values must be > 0).
+    """
+    fig, ax = _axes(ax, (6, 4))
+    values = np.asarray(values, dtype=float)
+    if log_x:
+        bins = np.geomspace(values.min(), values.max(), bins + 1) if np.ptp(values) else bins
+        ax.set_xscale("log")
+    ax.hist(values, bins=bins, color="C0", alpha=0.8)
+    if reference is not None:
+        ax.axvline(reference, color="k", linestyle="--", linewidth=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.grid(alpha=0.3)
+    return fig

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pyro_vae.guides import inverse_positive_scale, positive_scale
+from pyro_vae.parts import Part
 
 if TYPE_CHECKING:
     from pyro_vae.vae import VAE
@@ -32,7 +33,7 @@ def _check_num_components(prior: str, num_components) -> int:
     return num_components
 
 
-class Prior(nn.Module):
+class Prior(Part):
     """Base class of priors.
 
     :param int latent_dim: size of the latent code.

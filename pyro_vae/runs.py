@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pickle
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,11 +21,26 @@ from pathlib import Path
 import torch
 
 from pyro_vae.config import FORMAT_VERSION, Config
+from pyro_vae.data import Dataset, load_dataset
+from pyro_vae.guides import GUIDES
+from pyro_vae.likelihoods import LIKELIHOODS
+from pyro_vae.priors import PRIORS
 from pyro_vae.vae import VAE
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
 CHECKPOINT_FILE = "checkpoint.pt"
+
+# Read once at import: os.umask can only be read by setting it.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+#: Each swappable part: the config field naming it, its registry and the registry's path.
+PART_REGISTRIES = {
+    "prior": (PRIORS, "pyro_vae.priors.PRIORS"),
+    "likelihood": (LIKELIHOODS, "pyro_vae.likelihoods.LIKELIHOODS"),
+    "guide": (GUIDES, "pyro_vae.guides.GUIDES"),
+}
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -32,6 +48,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -75,7 +92,10 @@ def load_config(run_dir: str | Path) -> Config:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); it may be truncated") from e
-    return Config.from_dict(data)
+    try:
+        return Config.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 def write_metrics(run_dir: str | Path, rows: list[dict]) -> None:
@@ -96,13 +116,24 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     ints = {"epoch", "step"}
-    return [{k: int(v) if k in ints else float(v) for k, v in row.items()} for row in rows]
+    try:
+        return [{k: int(v) if k in ints else float(v) for k, v in row.items()} for row in rows]
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"{path} is not a metrics table written by pyro_vae ({e}); "
+            "move it away to go on without the history of earlier epochs"
+        ) from e
 
 
 def build_vae(config: Config) -> VAE:
-    """Build the (untrained) VAE a config describes."""
+    """Build the (untrained) VAE a config describes.
+
+    :raises ValueError: if a part is not registered under the name the config gives, or the
+        run trained a custom model class; the message says how to load such a run.
+    """
     if config.data_dim is None:
         raise ValueError("config.data_dim is not set; it is filled in when training starts")
+    check_buildable(config.to_dict())
     return VAE(
         data_dim=config.data_dim,
         latent_dim=config.latent_dim,
@@ -115,6 +146,103 @@ def build_vae(config: Config) -> VAE:
         likelihood_kwargs=config.likelihood_kwargs,
         guide_kwargs=config.guide_kwargs,
     )
+
+
+def check_buildable(config: dict) -> None:
+    """Raise :class:`ValueError`, saying how to load the run instead, if :func:`build_vae`
+    cannot rebuild the model that ``config`` (a config as a dict) describes.
+
+    That is the case when the run trained a VAE subclass (a custom model) or used a part whose
+    name is not registered in this process: a part passed as an object of an unregistered
+    class (recorded by its import path), or a user-registered part not registered again.
+    """
+    how = "or build the model as in training and pass it: load_run(run_dir, vae=...)"
+    vae_class = config.get("vae_class")
+    if vae_class is not None:
+        raise ValueError(
+            f"this run trained a custom model class {vae_class!r}, which config.json cannot "
+            f"rebuild; build it as in training and pass it: load_run(run_dir, vae=...)"
+        )
+    for kind, (registry, registry_path) in PART_REGISTRIES.items():
+        name = config.get(kind, getattr(Config, kind))
+        if not isinstance(name, str) or name in registry:
+            continue
+        if "." in name:  # a class path: the part was an object of an unregistered class
+            raise ValueError(
+                f"this run's {kind} was a {name} object, whose class is not registered in "
+                f"{registry_path} or whose options are not JSON, so config.json cannot rebuild "
+                f"it; build the model as in training and pass it: load_run(run_dir, vae=...)"
+            )
+        raise ValueError(
+            f"this run's {kind} {name!r} is not in {registry_path} (which has "
+            f"{sorted(registry)}); register its class before loading "
+            f"({registry_path}[{name!r}] = YourClass) {how}"
+        )
+
+
+def is_buildable(config: Config) -> bool:
+    """Whether :func:`build_vae` can rebuild the model ``config`` describes (see
+    :func:`check_buildable`); if not, :func:`load_run` needs the model passed as ``vae``."""
+    try:
+        check_buildable(config.to_dict())
+    except ValueError:
+        return False
+    return True
+
+
+def class_path(cls: type) -> str:
+    """``module.QualifiedName`` of a class, as config.json records unregistered parts."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def describe_part(part, registry: dict[str, type]) -> tuple[str, dict]:
+    """How config.json records a part: its registry name and constructor options, or, when it
+    cannot be rebuilt by name, the import path of its class (and its options for reference).
+
+    A part cannot be rebuilt by name when its class is not in ``registry`` or its options are
+    unknown (see :attr:`~pyro_vae.parts.Part.init_kwargs`) or not JSON.
+
+    :param part: a prior, likelihood or guide family.
+    :param dict registry: :data:`~pyro_vae.priors.PRIORS`, ... for that kind of part.
+    :returns: ``(name, kwargs)`` for the config fields ``prior`` and ``prior_kwargs``, ....
+    """
+    kwargs = getattr(part, "init_kwargs", None)
+    name = next((k for k in sorted(registry) if registry[k] is type(part)), None)
+    try:
+        json.dumps(kwargs)
+    except (TypeError, ValueError):
+        return class_path(type(part)), json.loads(json.dumps(kwargs, default=repr))
+    if name is None or kwargs is None:
+        return class_path(type(part)), dict(kwargs or {})
+    return name, dict(kwargs)
+
+
+def describe_model(vae: VAE) -> dict:
+    """The model fields of a :class:`~pyro_vae.config.Config` for ``vae``: the inverse of
+    :func:`build_vae`, also for parts passed to the VAE as objects.
+
+    :param VAE vae: the model.
+    :returns: ``data_dim``, ``latent_dim``, ``hidden_dims``, ``activation``, ``prior``,
+        ``prior_kwargs``, ``likelihood``, ..., ``guide_kwargs`` and ``vae_class`` (the import
+        path of a VAE subclass, ``None`` for :class:`~pyro_vae.vae.VAE` itself).
+    """
+    fields = {
+        "data_dim": vae.data_dim,
+        "latent_dim": vae.latent_dim,
+        "hidden_dims": list(vae.hidden_dims),
+        "activation": vae.activation,
+        "vae_class": None if type(vae) is VAE else class_path(type(vae)),
+    }
+    parts = {"prior": vae.prior, "likelihood": vae.likelihood, "guide": vae.guide_family}
+    for kind, part in parts.items():
+        fields[kind], fields[f"{kind}_kwargs"] = describe_part(part, PART_REGISTRIES[kind][0])
+    return fields
+
+
+def record_model(config: Config, vae: VAE) -> None:
+    """Set the model fields of ``config`` to describe ``vae`` (see :func:`describe_model`)."""
+    for name, value in describe_model(vae).items():
+        setattr(config, name, value)
 
 
 def save_checkpoint(
@@ -155,13 +283,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch names the first forbidden import; anything else is a damaged or foreign file.
+        unsafe = re.search(r"GLOBAL (\S+)", str(e))
+        if unsafe:
+            raise ValueError(
+                f"refusing to load {path}: it would import {unsafe.group(1)}, so it was not "
+                "written by pyro_vae and may run code; load only checkpoints you trust"
+            ) from e
         raise ValueError(
-            f"refusing to load {path}: it holds objects other than tensors and plain "
-            f"containers, so it was not written by pyro_vae and may run code ({e})"
+            f"{path} is not a readable checkpoint (not a torch file?); "
+            "pass a run folder written by pyro-vae"
         ) from e
     except Exception as e:  # torch.load fails in many ways on damaged files (KeyError too)
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
         raise ValueError(
-            f"{path} is not a readable checkpoint (truncated or corrupt?): {type(e).__name__}: {e}"
+            f"{path} is not a readable checkpoint (truncated or corrupt? {reason}); "
+            "restore it from a copy or train the run again"
         ) from e
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not a pyro_vae checkpoint")
@@ -185,28 +322,71 @@ class Run:
     metrics: list[dict] = field(default_factory=list)
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
+def load_run(
+    run_dir: str | Path, device: str | torch.device = "cpu", vae: VAE | None = None
+) -> Run:
     """Rebuild the VAE of a run folder from its checkpoint.
+
+    The model is built from ``config.json``'s settings, which needs every part to be registered
+    under the name recorded there. A run that trained a VAE subclass (a custom model), or used
+    a part of an unregistered class, is loaded by building the model as in training and passing
+    it as ``vae``: its weights are then loaded into that module, and the model fields of
+    :attr:`Run.config` describe it.
 
     :param run_dir: the folder written by :func:`pyro_vae.train.fit` or ``pyro-vae train``.
     :param device: where to put the model.
+    :param VAE vae: the untrained model to load the weights into, instead of building one.
     :returns: a :class:`Run` with the model in eval mode.
 
     >>> run = load_run("runs/mnist")  # doctest: +SKIP
     >>> images = run.vae.sample(16)  # doctest: +SKIP
+    >>> run = load_run("runs/custom", vae=MyVAE(64, latent_dim=2))  # doctest: +SKIP
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
     state = load_checkpoint(run_dir / CHECKPOINT_FILE, map_location=device)
-    config = Config.from_dict(state["config"])
-    vae = build_vae(config).to(device)
+    data = state["config"]
+    if vae is None:
+        if isinstance(data, dict):
+            check_buildable(data)
+        config = Config.from_dict(data)
+        vae = build_vae(config).to(device)
+        described = "the model its config describes"
+    else:
+        config = Config.from_dict(
+            {**data, **describe_model(vae)} if isinstance(data, dict) else data
+        )
+        vae = vae.to(device)
+        described = f"the {type(vae).__name__} passed as vae"
     try:
         vae.load_state_dict(state["model"])
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1].strip()
-        raise ValueError(
-            f"checkpoint in {run_dir} does not fit the model its config describes: {first}"
-        ) from e
+        raise ValueError(f"checkpoint in {run_dir} does not fit {described}: {first}") from e
     vae.eval()
     return Run(run_dir, config, vae, state, read_metrics(run_dir))
+
+
+def load_run_dataset(
+    config: Config,
+    data_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> Dataset:
+    """Load the data set a run's config names, binarized as in training.
+
+    A data folder read from ``config.json`` is only read, never written: downloading happens
+    only into a folder the caller names, or into the default cache when the config names none.
+
+    :param Config config: the run's config (``binarize`` already resolved by training).
+    :param data_dir: overrides ``config.data_dir``.
+    :param device: where to put the tensors.
+    """
+    download = data_dir is not None or config.data_dir is None
+    return load_dataset(
+        config.dataset,
+        data_dir if data_dir is not None else config.data_dir,
+        binarize=config.binarize or "none",
+        device=device,
+        download=download,
+    )

@@ -19,9 +19,16 @@ import torch
 from torch.distributions import constraints
 
 from pyro_vae.config import Config
-from pyro_vae.data import Dataset, iterate_batches
+from pyro_vae.data import Dataset, check_finite, iterate_batches
 from pyro_vae.objectives import get_elbo
-from pyro_vae.runs import save_checkpoint, save_config, write_metrics
+from pyro_vae.runs import (
+    build_vae,
+    is_buildable,
+    record_model,
+    save_checkpoint,
+    save_config,
+    write_metrics,
+)
 from pyro_vae.vae import VAE
 
 logger = logging.getLogger(__name__)
@@ -76,12 +83,75 @@ def check_dataset(vae: VAE, dataset: Dataset, binarize: str) -> None:
     """Raise :class:`ValueError` if the data do not fit the model's input size or likelihood."""
     for split, x in (("train", dataset.train_x), ("test", dataset.test_x)):
         vae.check_input(x)
+        check_finite(x, f"dataset.{split}_x")
         if split == "train" and binarize == "dynamic":
             # Grey levels are Bernoulli probabilities here, binarized batch by batch.
-            if not (torch.isfinite(x).all() and (x >= 0).all() and (x <= 1).all()):
-                raise ValueError("dynamic binarization needs training data in [0, 1]")
+            if not ((x >= 0).all() and (x <= 1).all()):
+                raise ValueError(
+                    "dynamic binarization needs training data in [0, 1], but dataset.train_x "
+                    f"lies in [{x.min().item():.4g}, {x.max().item():.4g}]; rescale it or set "
+                    "binarize='none' (--binarize none)"
+                )
         else:
             vae.likelihood.check_data(x)
+
+
+def prepare_fit(vae: VAE, dataset: Dataset, config: Config) -> None:
+    """Fill in the data-dependent fields of ``config`` and check every input of :func:`fit`.
+
+    Runs before a run folder is written, so bad input never leaves a half-made run behind.
+
+    :raises TypeError: if ``dataset`` or ``config`` is of the wrong type, or the data are not
+        floating point.
+    :raises ValueError: naming the first bad setting or data problem.
+    """
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be a pyro_vae Config, got {type(config).__name__}")
+    if not isinstance(dataset, Dataset):
+        raise TypeError(
+            f"dataset must be a pyro_vae Dataset (see load_dataset), got {type(dataset).__name__}"
+        )
+    config.binarize = resolve_binarize(config.binarize, vae.likelihood)
+    record_model(config, vae)
+    config.image_shape = list(dataset.image_shape)
+    config.validate()
+    check_dataset(vae, dataset, config.binarize)
+    num_train = dataset.train_x.shape[0]
+    if config.batch_size > num_train:
+        raise ValueError(
+            f"batch_size {config.batch_size} is larger than the {num_train} training datapoints "
+            f"of {dataset.name!r}; use a batch_size (--batch-size) of at most {num_train}"
+        )
+
+
+def check_config_describes(vae: VAE, config: Config) -> None:
+    """Raise :class:`ValueError` unless ``config`` rebuilds a model that ``vae``'s weights fit.
+
+    A run folder is only useful if :func:`~pyro_vae.runs.load_run` can rebuild its model from
+    the saved config, so this is checked before training rather than discovered when loading.
+    """
+    with torch.random.fork_rng(devices=[]):  # building the model must not move the RNG
+        expected = {k: tuple(v.shape) for k, v in build_vae(config).state_dict().items()}
+    actual = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    if expected != actual:
+        diff = sorted(set(expected.items()) ^ set(actual.items()))[0][0]
+        raise ValueError(
+            f"the config describes another model than the VAE being trained (they differ at "
+            f"{diff!r}); set latent_dim, hidden_dims, prior, likelihood, guide and their "
+            "options in the Config to those of the VAE, so that load_run can rebuild it"
+        )
+
+
+def load_model_state(vae: VAE, checkpoint: dict) -> None:
+    """Load a checkpoint's weights into ``vae``, with a one-line error if they do not fit."""
+    try:
+        vae.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise ValueError(
+            f"the checkpoint does not fit the model its config describes ({first}); "
+            "was config.json edited? Restore it, or train a new run"
+        ) from e
 
 
 @torch.no_grad()
@@ -93,6 +163,7 @@ def evaluate_elbo(vae: VAE, x: torch.Tensor, elbo: str = "trace", num_particles:
     :param str elbo: a key of :data:`~pyro_vae.objectives.ELBOS`.
     :param int num_particles: samples of z per datapoint.
     """
+    vae.check_input(x)
     loss_fn = get_elbo(elbo, num_particles)
     kl_scale, vae.kl_scale = vae.kl_scale, 1.0
     try:
@@ -102,9 +173,11 @@ def evaluate_elbo(vae: VAE, x: torch.Tensor, elbo: str = "trace", num_particles:
     return -total / x.shape[0]
 
 
-def diverged(loss: float | str, epoch: int, step: int) -> FloatingPointError:
+def diverged(
+    loss: float | str, epoch: int, step: int, what: str = "the loss"
+) -> FloatingPointError:
     return FloatingPointError(
-        f"the loss became {loss} at epoch {epoch}, step {step + 1}; "
+        f"{what} became {loss} at epoch {epoch}, step {step + 1}; "
         "try a lower --lr or set --clip-norm"
     )
 
@@ -147,11 +220,38 @@ def train_epoch(
         optimizer.step()
         total += loss.detach()
         step += 1
+    # The last step's update is not seen by a next loss: check it before anything is saved.
+    if not all(torch.isfinite(p).all() for p in vae.parameters()):
+        raise diverged("non-finite", epoch, step - 1, what="the parameters")
     return -total.item() / x.shape[0], step
 
 
 def make_optimizer(vae: VAE, config: Config) -> torch.optim.Optimizer:
     return torch.optim.Adam(vae.parameters(), lr=config.lr)
+
+
+def restore_checkpoint(
+    vae: VAE,
+    optimizer: torch.optim.Optimizer,
+    checkpoint: dict,
+    config: Config,
+    device: torch.device,
+) -> tuple[int, int]:
+    """Put weights, optimizer state and RNG state back; returns the epoch and step reached.
+
+    The RNG is restored last, so nothing between here and the next training step draws from it.
+    """
+    if checkpoint["epoch"] > config.epochs:
+        raise ValueError(
+            f"the checkpoint is at epoch {checkpoint['epoch']} but config.epochs is "
+            f"{config.epochs}; ask for at least {checkpoint['epoch']} epochs (--epochs)"
+        )
+    load_model_state(vae, checkpoint)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+    if device.type == "cuda" and checkpoint["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all([s.cpu() for s in checkpoint["rng"]["cuda"]])
+    return checkpoint["epoch"], checkpoint["step"]
 
 
 def fit(
@@ -171,14 +271,22 @@ def fit(
 
     :param VAE vae: the model; trained in place.
     :param Dataset dataset: from :func:`~pyro_vae.data.load_dataset`.
-    :param Config config: training settings (defaults if ``None``); ``data_dim`` and
-        ``image_shape`` are filled in from the data set.
+    :param Config config: training settings (defaults if ``None``). Its model fields
+        (``data_dim``, ``latent_dim``, ``hidden_dims``, ``activation``, ``prior``,
+        ``likelihood``, ``guide``, their ``*_kwargs`` and ``vae_class``) are set from ``vae``
+        (see :func:`~pyro_vae.runs.describe_model`), so ``config.json`` records the parts the
+        VAE really has, also when they were passed as objects; ``image_shape`` comes from the
+        data set.
     :param run_dir: folder for config, metrics and checkpoints, or ``None``.
-    :param dict checkpoint: a state from :func:`~pyro_vae.runs.load_checkpoint` to resume.
+    :param dict checkpoint: a state from :func:`~pyro_vae.runs.load_checkpoint` to resume:
+        weights, optimizer state, epoch and step counters and the RNG state are restored, so
+        the resumed run gives the same numbers as one that was never interrupted.
     :param list metrics: rows already written for the epochs before ``checkpoint``.
     :param on_epoch_end: called with each new metrics row.
     :returns: one row per epoch: ``epoch``, ``step``, ``kl_scale``, ``train_elbo``,
         ``test_elbo`` (nats per datapoint, higher is better) and ``seconds``.
+    :raises FloatingPointError: if the loss or the parameters become NaN or infinite; the run
+        folder keeps the last good epoch.
 
     >>> from pyro_vae import VAE, Config, fit, load_dataset
     >>> data = load_dataset("digits", binarize="dynamic")
@@ -188,11 +296,11 @@ def fit(
     True
     """
     config = Config() if config is None else config
-    config.binarize = resolve_binarize(config.binarize, vae.likelihood)
-    config.data_dim = vae.data_dim
-    config.image_shape = list(dataset.image_shape)
-    config.validate()
-    check_dataset(vae, dataset, config.binarize)
+    prepare_fit(vae, dataset, config)
+    # A model that config.json cannot rebuild (a custom VAE class, an unregistered part) is
+    # reloaded with load_run(run_dir, vae=...) instead.
+    if run_dir is not None and is_buildable(config):
+        check_config_describes(vae, config)
     device = dataset.train_x.device
     vae.to(device)
     optimizer = make_optimizer(vae, config)
@@ -201,22 +309,29 @@ def fit(
         pyro.set_rng_seed(config.seed)
         start_epoch, step = 0, 0
     else:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
-        if device.type == "cuda" and checkpoint["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in checkpoint["rng"]["cuda"]])
-        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
+        start_epoch, step = restore_checkpoint(vae, optimizer, checkpoint, config, device)
         rows = [row for row in rows if row["epoch"] <= start_epoch]
     if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         save_config(run_dir, config)
         if checkpoint is None:
             save_checkpoint(run_dir, vae, optimizer, config, start_epoch, step)
     for epoch in range(start_epoch + 1, config.epochs + 1):
         start = time.perf_counter()
         vae.train()
-        train_elbo, step = train_epoch(vae, optimizer, dataset.train_x, config, epoch, step)
+        try:
+            train_elbo, step = train_epoch(vae, optimizer, dataset.train_x, config, epoch, step)
+        except FloatingPointError as e:
+            if run_dir is None:
+                raise
+            raise FloatingPointError(f"{e}; {run_dir} keeps epoch {epoch - 1}") from e
         vae.eval()
         test_elbo = evaluate_elbo(vae, dataset.test_x, config.elbo, config.num_particles)
+        if not math.isfinite(test_elbo):
+            raise FloatingPointError(
+                f"the test ELBO became {test_elbo} after epoch {epoch}; "
+                "try a lower --lr or set --clip-norm"
+            )
         row = {
             "epoch": epoch,
             "step": step,

@@ -42,6 +42,22 @@ class VAE(nn.Module):
     :attr:`kl_scale` and is applied with :func:`pyro.poutine.scale` to site ``"z"`` in both the
     model and the guide, so that every ELBO sees beta * KL.
 
+    A part is swapped in one of three ways:
+
+    - by name: ``VAE(64, prior="mixture", prior_kwargs={"num_components": 10})``, as the CLI
+      and :class:`~pyro_vae.config.Config` do; a class registered in the registry dict
+      (``PRIORS["my_prior"] = MyPrior``) is available by name like the built-in ones;
+    - by object: ``VAE(64, latent_dim=2, prior=MixtureOfGaussians(2, num_components=10))``,
+      also with an instance of your own subclass of :class:`~pyro_vae.priors.Prior`, ...;
+      :func:`~pyro_vae.train.fit` records it in ``config.json`` by registry name and
+      constructor options, or by class path when its class is not registered;
+    - by writing the model: subclass :class:`VAE` and override :meth:`model` (and
+      :meth:`sample`, if the prior is no longer :attr:`prior`). Keep the sites ``"z"`` and
+      ``"x"`` under one ``pyro.plate("data", N)`` and let tensors broadcast over a leading
+      particle dimension, so that :func:`~pyro_vae.train.fit`, the estimators of
+      :mod:`pyro_vae.estimators` (which also take any model and guide functions) and the plots
+      work unchanged; reload such a run with ``load_run(run_dir, vae=MyVAE(...))``.
+
     :param int data_dim: number of features per datapoint (784 for MNIST).
     :param int latent_dim: size of the latent code.
     :param hidden_dims: hidden layer sizes of the encoder; the decoder mirrors them.
@@ -82,6 +98,8 @@ class VAE(nn.Module):
             check_positive_int("every hidden size", h)
         self.data_dim = data_dim
         self.latent_dim = latent_dim
+        self.hidden_dims = hidden_dims
+        self.activation = activation
         self.kl_scale = 1.0
         if isinstance(prior, str):
             prior = get_prior(prior, latent_dim, **(prior_kwargs or {}))

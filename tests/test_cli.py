@@ -140,3 +140,18 @@ def test_python_dash_m_and_console_script_work():
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert "usage: pyro-vae" in result.stdout
+
+
+def test_a_model_too_large_for_memory_is_a_one_line_error(capsys):
+    # 1e11 latent dimensions: the very first buffer (400 GB) cannot be allocated.
+    assert main(["train", "--latent-dim", "100000000000", "--epochs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of memory" in err and "--latent-dim" in err
+
+
+def test_malloc_threshold_is_fixed_on_glibc():
+    import platform
+
+    from pyro_vae.cli import fix_malloc_threshold
+
+    assert fix_malloc_threshold() == (platform.libc_ver()[0] == "glibc")

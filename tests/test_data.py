@@ -445,3 +445,9 @@ def test_check_finite_error_names_count_and_rows():
         ValueError, match=r"train_x has 3 non-finite .* 2 rows, first rows \[1, 4\]"
     ):
         check_finite(x, "train_x")
+
+
+def test_download_off_never_writes_into_the_data_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"downloading is off .*--data-dir"):
+        load_dataset("mnist", tmp_path, download=False)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,121 @@
+import json
+
+import pytest
+import torch
+
+from pyro_vae import (
+    VAE,
+    Config,
+    compare_elbo_variance,
+    compare_gradient_variance,
+    compare_run,
+    compare_training,
+    fit,
+    load_run,
+)
+from pyro_vae.cli import main
+from pyro_vae.compare import format_comparison_markdown, write_comparison
+
+TINY = {"epochs": 2, "latent_dim": 2, "hidden_dims": [16], "lr": 3e-3, "batch_size": 64}
+
+
+def train_tiny_run(run_dir, digits, prior="normal"):
+    torch.manual_seed(0)
+    vae = VAE(digits.data_dim, latent_dim=2, hidden_dims=[16], prior=prior)
+    fit(vae, digits, Config(**TINY, prior=prior), run_dir=run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, digits):
+    return train_tiny_run(tmp_path_factory.mktemp("compare") / "run", digits)
+
+
+@pytest.fixture(scope="module")
+def mixture_run_dir(tmp_path_factory, digits):
+    return train_tiny_run(tmp_path_factory.mktemp("compare") / "mixture", digits, "mixture")
+
+
+def test_elbo_estimators_agree_and_report_their_spread(run_dir, digits):
+    vae = load_run(run_dir).vae
+    result = compare_elbo_variance(vae, digits.test_x[:200], num_draws=50)
+    assert result["num_points"] == 200 and len(result["std_ratios"]) == 200
+    assert abs(result["difference_in_stderrs"]) < 4
+    for label in ("monte_carlo", "analytic_kl"):
+        assert result[label]["mean_std"] > 0 and result[label]["mean"] < 0
+    ratio = result["monte_carlo"]["mean_std"] / result["analytic_kl"]["mean_std"]
+    assert result["std_ratio"] == pytest.approx(ratio)
+    assert result["analytic_kl"]["analytic_sites"] == ["z"]
+
+
+def test_decoder_gradient_is_the_same_for_both_estimators(run_dir, digits):
+    # With a parameter-free prior the decoder only sees log p(x|z), identical for the same z.
+    vae = load_run(run_dir).vae
+    result = compare_gradient_variance(vae, digits.test_x[:32], num_draws=10)
+    assert result["groups"] == {
+        "decoder": sum(p.numel() for p in vae.decoder.parameters()),
+        "encoder": sum(p.numel() for p in vae.encoder.parameters()),
+    }
+    assert result["variance_ratio"]["decoder"] == pytest.approx(1.0, rel=1e-4)
+    assert result["variance_ratio"]["encoder"] > 0
+    for label in ("monte_carlo", "analytic_kl"):
+        encoder = result[label]["encoder"]
+        assert encoder["total_variance"] > 0 and encoder["snr"] > 0
+    assert vae.kl_scale == 1.0
+
+
+def test_training_curves_start_from_one_initialisation(run_dir, digits):
+    config = load_run(run_dir).config
+    result = compare_training(config, digits, num_epochs=1, seed=5, eval_x=digits.test_x[:50])
+    mc, an = result["curves"]["monte_carlo"], result["curves"]["analytic_kl"]
+    assert len(mc) == len(an) == 2
+    assert mc[0] == an[0]  # same initial model, same scores
+    assert mc[-1]["step"] == an[-1]["step"] == 24
+    assert mc[-1]["seconds"] > 0 and mc[-1]["train_elbo"] < 0
+    assert result["score"] in mc[-1]
+
+
+def test_no_analytic_kl_is_said_plainly_and_the_estimators_coincide(mixture_run_dir):
+    result = compare_run(mixture_run_dir, num_draws=5, num_points=30, batch_size=16, train_epochs=0)
+    assert not result["analytic_kl_available"]
+    assert "no analytic KL" in result["note"] and "MixtureOfGaussians" in result["note"]
+    assert result["training"] is None
+    # TraceMeanField_ELBO falls back to the Monte Carlo KL: the same gradients, draw by draw.
+    for ratio in result["gradient_variance"]["variance_ratio"].values():
+        assert ratio == pytest.approx(1.0, rel=1e-4)
+    markdown = format_comparison_markdown(result, "pyro-vae compare X")
+    assert "no analytic KL" in markdown and "pyro-vae compare X" in markdown
+
+
+def test_cli_compare_writes_json_markdown_and_figures(run_dir, capsys):
+    argv = ["compare", str(run_dir), "--draws", "5", "--num-points", "30", "--batch-size", "16"]
+    assert main([*argv, "--train-epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| Monte Carlo KL |" in out and "comparison.json" in out
+    result = json.loads((run_dir / "comparison.json").read_text())
+    assert result["settings"]["num_draws"] == 5 and result["settings"]["num_points"] == 30
+    markdown = (run_dir / "comparison.md").read_text()
+    assert "pyro-vae compare" in markdown and "--draws 5" in markdown
+    assert "does not reduce the gradient variance of the decoder" in markdown
+    for name in ("comparison_curves.png", "comparison_std_ratio.png"):
+        assert (run_dir / name).read_bytes()[:4] == b"\x89PNG"
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_write_comparison_without_training_skips_the_curves(mixture_run_dir, tmp_path):
+    result = compare_run(mixture_run_dir, num_draws=3, num_points=10, batch_size=8, train_epochs=0)
+    names = {p.name for p in write_comparison(tmp_path, result)}
+    assert names == {"comparison.json", "comparison.md", "comparison_std_ratio.png"}
+
+
+def test_bad_arguments_errors(run_dir, capsys):
+    with pytest.raises(ValueError, match="num_draws must be an integer >= 2, got 1"):
+        compare_run(run_dir, num_draws=1)
+    with pytest.raises(ValueError, match="train_epochs must be an integer >= 0, got -1"):
+        compare_run(run_dir, train_epochs=-1)
+    assert main(["compare", str(run_dir), "--draws", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--draws must be at least 2" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", str(run_dir), "--num-points", "0"])
+    assert exit_info.value.code == 2

@@ -1,0 +1,176 @@
+import json
+import math
+
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_vae import VAE, Config, active_units, evaluate_run, fit, load_run
+from pyro_vae.cli import main
+from pyro_vae.evaluate import EVALUATION_FILE, select_split
+
+TINY = {"epochs": 2, "latent_dim": 2, "hidden_dims": [16], "lr": 3e-3, "batch_size": 64}
+
+
+def train_tiny_run(run_dir, digits, prior="normal"):
+    torch.manual_seed(0)
+    vae = VAE(digits.data_dim, latent_dim=2, hidden_dims=[16], prior=prior)
+    fit(vae, digits, Config(**TINY, prior=prior), run_dir=run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, digits):
+    return train_tiny_run(tmp_path_factory.mktemp("evaluate") / "run", digits)
+
+
+@pytest.fixture(scope="module")
+def result(run_dir):
+    return evaluate_run(run_dir, num_samples=100)
+
+
+def test_evaluate_run_reports_every_quantity(result):
+    for key in ("elbo", "reconstruction", "kl", "log_likelihood", "bits_per_dim"):
+        assert key in result
+    assert {"active_units", "seconds", "peak_memory_mb", "analytic_kl_available"} <= set(result)
+    assert result["dataset"] == "digits" and result["split"] == "test"
+    assert result["binarize"] == "dynamic" and result["num_datapoints"] == 300
+    assert [row["k"] for row in result["log_likelihood"]] == [1, 10, 100]
+    assert result["analytic_kl_available"] and result["note"] is None
+    assert result["elbo"]["analytic_kl"]["analytic_sites"] == ["z"]
+    assert result["elbo"]["monte_carlo"]["sampled_sites"] == ["z"]
+    assert result["log_likelihood"][0]["mc_stderr"] is None  # undefined for K = 1
+    assert result["seconds"]["total"] > 0 and 0 < result["peak_memory_mb"] < 4096
+    json.dumps(result, allow_nan=False)
+
+
+def test_log_likelihood_increases_with_num_samples(result):
+    means = [row["mean"] for row in result["log_likelihood"]]
+    assert means[-1] > means[0]
+    for lower, higher in zip(result["log_likelihood"], result["log_likelihood"][1:]):
+        assert higher["mean"] >= lower["mean"] - 3 * (lower["mc_stderr"] or 0)
+    # The ELBO is a lower bound of the IWAE bound for any K > 1.
+    assert result["elbo"]["analytic_kl"]["mean"] < means[-1]
+
+
+def test_elbo_estimators_agree_within_standard_errors(result):
+    mc, an = result["elbo"]["monte_carlo"], result["elbo"]["analytic_kl"]
+    assert abs(mc["mean"] - an["mean"]) < 4 * math.hypot(mc["stderr"], an["stderr"])
+    difference = result["elbo"]["difference"]
+    assert abs(difference["mean"]) < 4 * difference["stderr"]
+    assert result["reconstruction"] - result["kl"] == pytest.approx(an["mean"], abs=1e-4)
+    assert result["kl"] > 0
+
+
+def test_bits_per_dim_is_minus_log_likelihood_over_dims_ln2(result):
+    best = result["log_likelihood"][-1]
+    assert result["bits_per_dim_k"] == best["k"] == 100
+    assert result["bits_per_dim"] == -best["mean"] / (64 * math.log(2))
+
+
+def test_active_units_count_matches_variances(result):
+    active = result["active_units"]
+    assert len(active["variances"]) == 2 and 0 <= active["count"] <= 2
+    assert active["count"] == sum(v > active["threshold"] for v in active["variances"])
+    assert active["posterior_mean"] == "closed form"
+
+
+class _Encoder:
+    """Stands in for a VAE in active_units: q(z|x) = N((x0, 0.01 x1), 1) or its flow form."""
+
+    def __init__(self, flow):
+        self.flow = flow
+
+    def encode(self, x):
+        base = dist.Normal(x[:, :2] * torch.tensor([1.0, 0.01]), 1.0).to_event(1)
+        return dist.TransformedDistribution(base, []) if self.flow else base
+
+
+def test_active_units_closed_form_variances():
+    x = torch.randn(1000, 3)
+    active = active_units(_Encoder(flow=False), x)
+    expected = (x[:, :2] * torch.tensor([1.0, 0.01])).var(0, correction=0)
+    assert active["variances"] == pytest.approx(expected.tolist(), rel=1e-5)
+    assert active["count"] == 1
+
+
+def test_active_units_sample_mean_is_corrected_for_its_noise():
+    # With 20 draws the sample mean of an unused unit varies by 1/20 = 0.05 > 0.01 over x.
+    x = torch.randn(2000, 3)
+    active = active_units(_Encoder(flow=True), x, num_mean_samples=20)
+    assert active["posterior_mean"] == "mean of 20 draws"
+    assert active["variances"][0] == pytest.approx(x[:, 0].var().item(), abs=0.1)
+    assert active["variances"][1] < 0.01
+    assert active["count"] == 1
+
+
+def test_evaluation_repeats_with_seed_and_restores_the_rng(run_dir):
+    state = torch.get_rng_state()
+    first = evaluate_run(run_dir, num_samples=10, limit=20, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    second = evaluate_run(run_dir, num_samples=10, limit=20, seed=3)
+    assert first["log_likelihood"] == second["log_likelihood"]
+    assert first["elbo"] == second["elbo"] and first["num_datapoints"] == 20
+
+
+def test_train_split_is_binarized_with_a_fixed_seed(digits):
+    state = torch.get_rng_state()
+    x = select_split(digits, "train")
+    assert torch.equal(x, select_split(digits, "train"))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert set(x.unique().tolist()) == {0.0, 1.0} and x.shape == digits.train_x.shape
+    assert select_split(digits, "test") is digits.test_x
+
+
+def test_evaluate_train_split_and_tensor_input(run_dir, digits):
+    result = evaluate_run(run_dir, split="train", num_samples=5, limit=50)
+    assert result["split"] == "train" and result["num_datapoints"] == 50
+    x = select_split(digits, "train")[:50]
+    assert evaluate_run(run_dir, x, num_samples=5)["log_likelihood"] == result["log_likelihood"]
+
+
+def test_no_analytic_kl_is_said_plainly(tmp_path, digits):
+    run_dir = train_tiny_run(tmp_path / "mixture", digits, prior="mixture")
+    result = evaluate_run(load_run(run_dir), num_samples=5, limit=30)
+    assert not result["analytic_kl_available"]
+    assert result["elbo"]["analytic_kl"]["analytic_sites"] == []
+    assert "no analytic KL" in result["note"] and "'z'" in result["note"]
+
+
+def test_bad_arguments_errors(run_dir):
+    with pytest.raises(ValueError, match="num_samples must be a positive integer, got 0"):
+        evaluate_run(run_dir, num_samples=0)
+    with pytest.raises(ValueError, match="unknown split 'valid'; choose one of"):
+        evaluate_run(run_dir, split="valid")
+    with pytest.raises(ValueError, match="limit must be a positive integer"):
+        evaluate_run(run_dir, limit=0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate_run(run_dir / "missing")
+
+
+def test_cli_evaluate_writes_json_atomically_and_prints_a_table(run_dir, capsys):
+    (run_dir / EVALUATION_FILE).unlink(missing_ok=True)
+    argv = ["evaluate", str(run_dir), "--num-samples", "20", "--limit", "40", "--seed", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "log p(x), K=20" in out and "bits/dim" in out and "active units" in out
+    saved = json.loads((run_dir / EVALUATION_FILE).read_text())
+    assert saved["num_samples"] == 20 and saved["num_datapoints"] == 40 and saved["seed"] == 1
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-samples", "0"], "--num-samples: expected a positive integer, got '0'"),
+        (["--limit", "-3"], "--limit: expected a positive integer"),
+        (["--split", "valid"], "--split: invalid choice"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+    ],
+)
+def test_cli_evaluate_bad_values_exit_2_with_one_line(run_dir, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", str(run_dir), *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

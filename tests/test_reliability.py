@@ -1,0 +1,621 @@
+"""Reliability and security: bad input, training faults, interruption, resume, atomic writes,
+and what a run folder written by someone else can and cannot make the tool do.
+
+The tests marked ``slow`` run the real ``python -m pyro_vae train`` in a subprocess and send it
+SIGINT or SIGKILL; they share one run folder so that few processes (each ~3-5 s of imports)
+are started.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyro_vae import VAE, Config, Dataset, evaluate_elbo, fit, load_run
+from pyro_vae import cli as cli_module
+from pyro_vae import train as train_module
+from pyro_vae.cli import main
+from pyro_vae.runs import load_checkpoint, read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--hidden-dims", "16", "--latent-dim", "2", "--batch-size", "200"]
+STEPS_PER_EPOCH = 8  # 1497 digits in batches of 200
+
+
+def tiny_config(**kwargs) -> Config:
+    return Config(**{"latent_dim": 2, "hidden_dims": [16], "batch_size": 200, **kwargs})
+
+
+def tiny_vae(seed: int | None = None) -> VAE:
+    """A small VAE; with ``seed``, its initial weights are fixed (fit seeds only training)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return VAE(64, latent_dim=2, hidden_dims=(16,))
+
+
+def without_seconds(rows):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def one_line_error(capsys, code, expected_code=1) -> str:
+    """Check that a CLI call failed with one line on stderr and no traceback; return it."""
+    err = capsys.readouterr().err
+    assert code == expected_code, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def usage_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return one_line_error(capsys, exit_info.value.code, expected_code=2)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, digits):
+    """A 2-epoch run folder, to be copied by the tests that damage one."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    fit(tiny_vae(), digits, tiny_config(epochs=2), run_dir=run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    return Path(shutil.copytree(trained, tmp_path / "run"))
+
+
+def edit_config(run_dir: Path, changes: dict) -> None:
+    path = run_dir / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def read_run_argv(command: str, run_dir: Path) -> list[str]:
+    """The two commands that read a run folder: ``sample`` and ``train --resume``."""
+    return ["sample", str(run_dir)] if command == "sample" else ["train", "--resume", str(run_dir)]
+
+
+def files_under(root: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+# -- 1. bad input: one clear line --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flag", ["--prior", "--likelihood", "--guide", "--elbo", "--dataset", "--activation"]
+)
+def test_unknown_part_name_is_a_usage_error_listing_the_choices(flag, capsys):
+    err = usage_error(capsys, ["train", flag, "nope"])
+    assert "invalid choice: 'nope'" in err and "choose from" in err
+
+
+@pytest.mark.parametrize("command", [["train"], ["sample", "RUN"]])
+def test_unknown_device_is_a_usage_error(command, capsys):
+    err = usage_error(capsys, [*command, "--device", "gpu"])
+    assert "unknown device 'gpu'; choose auto, cpu, cuda or cuda:N" in err
+
+
+@pytest.mark.parametrize(
+    "args, flag, value",
+    [
+        (["train", "--latent-dim", "-1"], "--latent-dim", "-1"),
+        (["train", "--hidden-dims", "16", "0"], "--hidden-dims", "0"),
+        (["train", "--epochs", "0"], "--epochs", "0"),
+        (["train", "--batch-size", "1.5"], "--batch-size", "1.5"),
+        (["train", "--num-particles", "0"], "--num-particles", "0"),
+        (["train", "--lr", "inf"], "--lr", "inf"),
+        (["train", "--lr", "-0.1"], "--lr", "-0.1"),
+        (["train", "--clip-norm", "0"], "--clip-norm", "0"),
+        (["train", "--beta", "nan"], "--beta", "nan"),
+        (["train", "--warmup-epochs", "-1"], "--warmup-epochs", "-1"),
+        (["train", "--seed", "-1"], "--seed", "-1"),
+        (["sample", "RUN", "--num", "0"], "--num", "0"),
+        (["sample", "RUN", "--cols", "-2"], "--cols", "-2"),
+    ],
+)
+def test_non_positive_or_non_finite_numbers_are_usage_errors(args, flag, value, capsys):
+    err = usage_error(capsys, args)
+    expected = r"expected a (positive|non-negative) (integer|finite number), got "
+    assert re.search(f"argument {flag}: {expected}'{re.escape(value)}'", err), err
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("prior", "nope", r"unknown prior 'nope'; choose one of \['learned_normal'"),
+        ("likelihood", "gauss", r"unknown likelihood 'gauss'; choose one of \["),
+        ("guide", 3, r"unknown guide 3; choose one of \["),
+        ("elbo", "iwae", r"unknown elbo 'iwae'; choose one of \['meanfield', 'trace'\]"),
+        ("dataset", "cifar", r"unknown dataset 'cifar'; choose one of \["),
+        ("binarize", "yes", r"unknown binarize 'yes'; choose one of \['dynamic'"),
+        ("hidden_dims", 400, "hidden_dims must be positive integers, got 400"),
+        ("num_particles", 0, "num_particles must be a positive integer, got 0"),
+        ("batch_size", True, "batch_size must be a positive integer, got True"),
+        ("lr", float("inf"), "lr must be a positive finite number, got inf"),
+        ("seed", 2**32, r"seed must be an integer in \[0, 2\*\*32 - 1\]"),
+        ("image_shape", [8, 9], r"image_shape \[8, 9\] does not hold data_dim=64 pixels"),
+        ("prior_kwargs", ["num_components"], "prior_kwargs must be a dict of options"),
+    ],
+)
+def test_config_names_the_bad_value_and_what_is_allowed(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        Config(**{"data_dim": 64, field: value})
+
+
+def test_debug_shows_the_traceback_instead_of_the_one_line_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run folder .* does not exist"):
+        main(["--debug", "train", "--resume", str(tmp_path / "missing")])
+    with pytest.raises(cli_module.UsageError, match="only --epochs, --device and --data-dir"):
+        main(["--debug", "train", "--resume", str(tmp_path), "--lr", "0.1"])
+
+
+def test_batch_size_larger_than_the_data_is_refused_before_a_run_folder_is_made(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    for out in (["--out", "run"], []):  # without --out, a new folder would go under runs/
+        err = one_line_error(capsys, main(["train", *TINY, "--batch-size", "5000", *out]))
+        assert "batch_size 5000 is larger than the 1497 training datapoints of 'digits'" in err
+        assert "at most 1497" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def with_data(digits, **changes) -> Dataset:
+    fields = {k: getattr(digits, k) for k in ("train_x", "train_y", "test_x", "test_y")}
+    return Dataset("digits", **{**fields, **changes}, image_shape=(8, 8), binarize="dynamic")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_data_with_nan_or_inf_is_refused(digits, bad, tmp_path):
+    x = digits.train_x.clone()
+    x[5, 3] = bad
+    with pytest.raises(ValueError, match=r"dataset.train_x has 1 non-finite values .*rows \[5\]"):
+        fit(tiny_vae(), with_data(digits, train_x=x), tiny_config(epochs=1), run_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_data_outside_the_likelihood_support_is_refused(digits):
+    with pytest.raises(ValueError, match=r"training data in \[0, 1\].*lies in \[0, 16\]"):
+        fit(tiny_vae(), with_data(digits, train_x=digits.train_x * 16), tiny_config(epochs=1))
+    test_x = digits.test_x.clone()
+    test_x[0, 0] = 0.5
+    with pytest.raises(ValueError, match=r"'bernoulli' needs data in \{0, 1\}.*e\.g\. 0\.5"):
+        fit(tiny_vae(), with_data(digits, test_x=test_x), tiny_config(epochs=1))
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        ({"train_x": "uint8"}, TypeError, "x must be a floating-point .*, got torch.uint8"),
+        ({"train_x": "3d"}, ValueError, r"x must have shape \(N, 64\), got \(1497, 8, 8\)"),
+        ({"test_x": "wide"}, ValueError, r"x must have shape \(N, 64\), got \(300, 65\)"),
+        ({"train_x": "list"}, TypeError, "x must be a floating-point torch.Tensor, got list"),
+    ],
+)
+def test_wrong_data_shape_or_dtype_in_the_python_api(digits, change, error, match):
+    ((split, kind),) = change.items()
+    x = getattr(digits, split)
+    x = {
+        "uint8": lambda: x.to(torch.uint8),
+        "3d": lambda: x.reshape(-1, 8, 8),
+        "wide": lambda: torch.cat([x, x[:, :1]], 1),
+        "list": lambda: x.tolist(),
+    }[kind]()
+    with pytest.raises(error, match=match):
+        fit(tiny_vae(), with_data(digits, **{split: x}), tiny_config(epochs=1))
+
+
+def test_wrong_argument_types_in_the_python_api(digits):
+    with pytest.raises(TypeError, match="dataset must be a pyro_vae Dataset .*got Tensor"):
+        fit(tiny_vae(), digits.train_x, tiny_config())
+    with pytest.raises(TypeError, match="config must be a pyro_vae Config, got dict"):
+        fit(tiny_vae(), digits, {"epochs": 1})
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 64\), got \(10, 8, 8\)"):
+        evaluate_elbo(tiny_vae(), digits.test_x[:10].reshape(10, 8, 8))
+
+
+def test_truncated_mnist_file_is_a_one_line_error(tmp_path, capsys):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + bytes(1000))
+    code = main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path)])
+    err = one_line_error(capsys, code)
+    assert "train-images-idx3-ubyte is 1004 bytes but an intact" in err and "truncated" in err
+
+
+@pytest.mark.parametrize("command", ["sample", "resume"])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("missing folder", "run folder .* does not exist"),
+        ("no checkpoint", "no checkpoint|has no checkpoint.pt: the run stopped before"),
+        ("truncated", "is not a readable checkpoint \\(truncated or corrupt"),
+        ("not a checkpoint", "is not a readable checkpoint \\(not a torch file"),
+        ("not ours", "is not a pyro_vae checkpoint"),
+        ("other version", "saved in checkpoint format 99; this pyro_vae reads format 1"),
+        ("other config version", "saved in format version 7"),
+        ("other model shape", "does not fit the model its config describes.*size mismatch"),
+    ],
+)
+def test_bad_run_folder_is_a_one_line_error(command, damage, match, run_copy, capsys):
+    checkpoint = run_copy / "checkpoint.pt"
+    if damage == "missing folder":
+        shutil.rmtree(run_copy)
+    elif damage == "no checkpoint":
+        checkpoint.unlink()
+    elif damage == "truncated":
+        checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
+    elif damage == "not a checkpoint":
+        checkpoint.write_text('{"model": "weights"}')
+    elif damage == "not ours":
+        torch.save({"state_dict": torch.zeros(3)}, checkpoint)
+    elif damage in ("other version", "other config version", "other model shape"):
+        state = torch.load(checkpoint, weights_only=True)
+        if damage == "other version":
+            state["format_version"] = 99
+        elif damage == "other config version":
+            state["config"]["format_version"] = 7
+            edit_config(run_copy, {"format_version": 7})
+        else:
+            state["config"]["latent_dim"] = 3
+            edit_config(run_copy, {"latent_dim": 3})
+        torch.save(state, checkpoint)
+    err = one_line_error(capsys, main(read_run_argv(command, run_copy)))
+    assert re.search(match, err), err
+
+
+def test_truncated_config_or_metrics_is_a_one_line_error_on_resume(run_copy, capsys):
+    config = (run_copy / "config.json").read_text()
+    (run_copy / "config.json").write_text(config[: len(config) // 2])
+    err = one_line_error(capsys, main(["train", "--resume", str(run_copy)]))
+    assert "config.json is not valid JSON" in err and "truncated" in err
+    (run_copy / "config.json").write_text(config)
+    (run_copy / "metrics.csv").write_text("epoch,step,train_elbo\n1,8,\n")
+    err = one_line_error(capsys, main(["train", "--resume", str(run_copy)]))
+    assert "metrics.csv is not a metrics table written by pyro_vae" in err
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--lr", "0.1"], "only --epochs, --device and --data-dir may be given with it .*--lr"),
+        (["--prior-components", "3"], "may be given with it \\(got --prior-components\\)"),
+        (["--out", "elsewhere"], "may be given with it \\(got --out\\)"),
+        (["--epochs", "1"], "--epochs 1 is fewer than the 2 epochs already trained"),
+    ],
+)
+def test_resume_flag_conflicts_are_usage_errors(args, match, run_copy, capsys):
+    code = main(["train", "--resume", str(run_copy), *args])
+    err = one_line_error(capsys, code, expected_code=2)
+    assert re.search(match, err), err
+
+
+def test_training_into_an_existing_run_is_refused(run_copy, capsys):
+    before = files_under(run_copy)
+    code = main(["train", *TINY, "--epochs", "1", "--out", str(run_copy)])
+    err = one_line_error(capsys, code, expected_code=2)
+    assert f"{run_copy} already holds a run; continue it with --resume" in err
+    assert files_under(run_copy) == before
+
+
+# -- 2. training faults --------------------------------------------------------------------
+
+
+class EpochHook:
+    """Stands in for the CLI progress bar; calls ``action(epoch)`` after each epoch."""
+
+    def __init__(self, action):
+        self.action = action
+
+    def update_row(self, row):
+        self.action(row["epoch"])
+
+    def close(self):
+        pass
+
+
+def test_cli_reports_a_nan_loss_in_one_line_and_keeps_the_last_good_epoch(
+    tmp_path, monkeypatch, capsys
+):
+    holder = {}
+    real_fit = cli_module.fit
+
+    def fit_and_remember(vae, *args, **kwargs):
+        holder["vae"] = vae
+        return real_fit(vae, *args, **kwargs)
+
+    def poison(epoch):
+        if epoch == 1:
+            with torch.no_grad():
+                holder["vae"].decoder[0].weight.fill_(float("nan"))
+
+    monkeypatch.setattr(cli_module, "fit", fit_and_remember)
+    monkeypatch.setattr(cli_module, "make_progress", lambda config, start: EpochHook(poison))
+    out = tmp_path / "run"
+    err = one_line_error(capsys, main(["train", *TINY, "--epochs", "3", "--out", str(out)]))
+    assert "the loss became nan at epoch 2, step 9; try a lower --lr" in err
+    assert f"{out} keeps epoch 1" in err
+    assert [r["epoch"] for r in read_metrics(out)] == [1]
+    run = load_run(out)
+    assert run.checkpoint["epoch"] == 1
+    assert all(torch.isfinite(p).all() for p in run.vae.parameters())
+
+
+def test_parameters_that_blow_up_on_the_last_step_are_not_checkpointed(
+    digits, tmp_path, monkeypatch
+):
+    class PoisonedAdam(torch.optim.Adam):
+        def step(self, closure=None):
+            super().step(closure)
+            self.steps = getattr(self, "steps", 0) + 1
+            if self.steps == 2 * STEPS_PER_EPOCH:  # the last step of epoch 2
+                with torch.no_grad():
+                    self.param_groups[0]["params"][0].fill_(float("inf"))
+
+    monkeypatch.setattr(
+        train_module, "make_optimizer", lambda vae, config: PoisonedAdam(vae.parameters())
+    )
+    match = "the parameters became non-finite at epoch 2, step 16; .* keeps epoch 1"
+    with pytest.raises(FloatingPointError, match=match):
+        fit(tiny_vae(), digits, tiny_config(epochs=3), run_dir=tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1]
+
+
+def test_fit_interrupted_and_resumed_equals_uninterrupted(digits, tmp_path):
+    def stop_after_epoch_2(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    config = tiny_config(epochs=3, seed=3, num_particles=2)
+    expected = fit(tiny_vae(0), digits, config)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_vae(0), digits, config, run_dir=tmp_path, on_epoch_end=stop_after_epoch_2)
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert checkpoint["epoch"] == 2
+    # Other weights and another RNG state: fit must restore both from the checkpoint.
+    fresh = tiny_vae(999)
+    rows = fit(fresh, digits, config, tmp_path, checkpoint, read_metrics(tmp_path))
+    assert without_seconds(rows) == without_seconds(expected)
+    assert without_seconds(read_metrics(tmp_path)) == without_seconds(expected)
+
+
+def test_cli_ctrl_c_says_how_to_resume_and_resume_repeats_the_numbers(
+    tmp_path, monkeypatch, capsys
+):
+    def interrupt(epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    args = [*TINY, "--epochs", "3", "--seed", "5"]
+    assert main(["train", *args, "--out", str(tmp_path / "whole")]) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(cli_module, "make_progress", lambda config, start: EpochHook(interrupt))
+        run_dir = tmp_path / "cut short"
+        code = main(["train", *args, "--out", str(run_dir)])
+    err = one_line_error(capsys, code, expected_code=130)
+    assert f"{run_dir}/checkpoint.pt holds epoch 2." in err
+    assert f"Resume with: pyro-vae train --resume '{run_dir}'" in err
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    expected = without_seconds(read_metrics(tmp_path / "whole"))
+    assert without_seconds(read_metrics(run_dir)) == expected
+    assert (run_dir / "samples.png").is_file()
+
+
+def test_ctrl_c_before_training_is_one_line_and_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "load_dataset", interrupted)
+    out = tmp_path / "run"
+    code = main(["train", *TINY, "--out", str(out)])
+    assert one_line_error(capsys, code, expected_code=130) == "pyro-vae: interrupted\n"
+    assert not out.exists()
+
+
+class Killed(BaseException):
+    """Stands for the process dying: not an Exception, so nothing on the way catches it."""
+
+
+def dying_replace(num_renames: int):
+    """An ``os.replace`` that renames ``num_renames`` times, then dies before the next one."""
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        if len(calls) == num_renames:
+            raise Killed
+        calls.append(dst)
+        real_replace(src, dst)
+
+    return replace
+
+
+def test_every_run_file_is_replaced_atomically_and_a_crash_at_any_write_can_resume(
+    digits, tmp_path, monkeypatch
+):
+    real_replace = os.replace
+    written = []
+
+    def spy(src, dst):
+        written.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr("pyro_vae.runs.os.replace", spy)
+    config = tiny_config(epochs=2)
+    expected = without_seconds(fit(tiny_vae(0), digits, config, run_dir=tmp_path / "whole"))
+    assert written == ["config.json", "checkpoint.pt"] + ["metrics.csv", "checkpoint.pt"] * 2
+    assert {p.name for p in (tmp_path / "whole").iterdir()} == set(written)
+
+    # Die just before each rename in turn (the temporary file complete, the old one in place);
+    # before the first checkpoint's rename there is nothing to resume, see the CLI tests.
+    for crash_at in range(2, len(written)):
+        run_dir = tmp_path / f"crash{crash_at}"
+        monkeypatch.setattr("pyro_vae.runs.os.replace", dying_replace(crash_at))
+        with pytest.raises(Killed):
+            fit(tiny_vae(0), digits, config, run_dir=run_dir)
+        monkeypatch.setattr("pyro_vae.runs.os.replace", real_replace)
+        check_run_folder_is_whole(run_dir)
+        checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
+        rows = fit(tiny_vae(), digits, config, run_dir, checkpoint, read_metrics(run_dir))
+        assert without_seconds(rows) == expected
+
+
+def test_evaluation_json_is_replaced_atomically(tmp_path, monkeypatch):
+    from pyro_vae.evaluate import write_evaluation
+
+    write_evaluation(tmp_path, {"old": 1})
+    monkeypatch.setattr("pyro_vae.runs.os.replace", dying_replace(0))
+    with pytest.raises(Killed):
+        write_evaluation(tmp_path, {"new": 2})
+    assert json.loads((tmp_path / "evaluation.json").read_text()) == {"old": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["evaluation.json"]
+
+
+# -- 2 and 3. real processes: SIGINT, SIGKILL at several moments, resume ----------------------
+
+
+def start_training(*args: str) -> subprocess.Popen:
+    # One thread, here and in the in-process runs compared with it, so the numbers can match.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "pyro_vae", "train", *args]
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_epoch(process: subprocess.Popen, run_dir: Path, epoch: int) -> None:
+    """Poll metrics.csv until it shows ``epoch``; it is replaced atomically, so always parses."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        rows = read_metrics(run_dir) if (run_dir / "metrics.csv").exists() else []
+        if rows and rows[-1]["epoch"] >= epoch:
+            return
+        if process.poll() is not None:
+            pytest.fail(f"training ended early ({process.returncode}): {process.stderr.read()}")
+        time.sleep(0.02)
+    process.kill()
+    pytest.fail(f"no epoch {epoch} in {run_dir} after 120 s")
+
+
+def check_run_folder_is_whole(run_dir: Path) -> int:
+    """The run folder a killed process left: loadable, metrics parse, nothing lost or skipped."""
+    run = load_run(run_dir)
+    epochs = [row["epoch"] for row in read_metrics(run_dir)]
+    assert epochs == list(range(1, len(epochs) + 1))
+    # metrics.csv is written just before checkpoint.pt, so it is never behind it.
+    assert run.checkpoint["epoch"] in (len(epochs), len(epochs) - 1)
+    return len(epochs)
+
+
+@pytest.mark.slow
+def test_real_process_sigint_then_sigkill_at_five_moments_then_resume_repeats_the_numbers(
+    tmp_path, capsys
+):
+    run_dir = tmp_path / "run"
+    process = start_training(*TINY, "--epochs", "200", "--out", str(run_dir))
+    wait_for_epoch(process, run_dir, 2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"Resume with: pyro-vae train --resume {run_dir}" in err
+    last = check_run_folder_is_whole(run_dir)
+
+    # SIGKILL gives no chance to clean up: whatever it interrupts (a step, a checkpoint being
+    # written, a metrics file being replaced), the folder must stay whole and resumable.
+    for delay in (0.0, 0.01, 0.03, 0.06, 0.1):
+        process = start_training("--resume", str(run_dir))
+        wait_for_epoch(process, run_dir, last + 1)
+        time.sleep(delay)
+        process.kill()
+        process.communicate(timeout=60)
+        last = check_run_folder_is_whole(run_dir)
+
+    epochs = load_checkpoint(run_dir / "checkpoint.pt")["epoch"] + 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "--resume", str(run_dir), "--epochs", str(epochs)]) == 0
+        whole = tmp_path / "whole"
+        assert main(["train", *TINY, "--epochs", str(epochs), "--out", str(whole)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert len(read_metrics(run_dir)) == epochs
+    assert without_seconds(read_metrics(run_dir)) == without_seconds(read_metrics(whole))
+
+
+# -- 4. security ---------------------------------------------------------------------------
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch EXPLOITED",))
+
+
+@pytest.mark.parametrize("command", ["sample", "resume"])
+def test_malicious_checkpoint_is_refused_by_the_cli_without_running_it(
+    command, run_copy, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    state = torch.load(run_copy / "checkpoint.pt", weights_only=True)
+    state["model"] = _Exploit()
+    torch.save(state, run_copy / "checkpoint.pt")
+    err = one_line_error(capsys, main(read_run_argv(command, run_copy)))
+    assert "refusing to load" in err and "would import posix.system" in err, err
+    assert not (tmp_path / "EXPLOITED").exists()
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"out": "../../elsewhere"}, r"unknown config keys \['out'\]"),
+        ({"run_dir": "/tmp/elsewhere"}, r"unknown config keys \['run_dir'\]"),
+        ({"data_dir": "{elsewhere}/data"}, "the data folder .*elsewhere/data.* does not exist"),
+        ({"dataset": "mnist", "data_dir": "{elsewhere}/x"}, "the data folder .* does not exist"),
+        ({"data_dir": ["/"]}, "data_dir must be a path string or None"),
+    ],
+)
+def test_hostile_config_json_cannot_make_the_tool_write_outside_the_run_folder(
+    changes, match, run_copy, tmp_path, capsys
+):
+    elsewhere = tmp_path / "elsewhere"
+    changes = {
+        k: v.format(elsewhere=elsewhere) if isinstance(v, str) else v for k, v in changes.items()
+    }
+    edit_config(run_copy, changes)
+    before = files_under(tmp_path)
+    err = one_line_error(capsys, main(["train", "--resume", str(run_copy), "--epochs", "3"]))
+    assert re.search(match, err), err
+    assert files_under(tmp_path) == before
+    assert not elsewhere.exists()
+
+
+def test_training_writes_only_inside_the_run_folder(digits, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "data"
+    elsewhere.mkdir()
+    run_dir = tmp_path / "run"
+    argv = [*TINY, "--epochs", "1", "--data-dir", str(elsewhere), "--out", str(run_dir)]
+    assert main(["train", *argv]) == 0
+    assert main(["train", "--resume", str(run_dir), "--epochs", "2"]) == 0
+    written = {p for p in tmp_path.rglob("*") if p.is_file()}
+    assert written and all(run_dir in p.parents for p in written), written
+    assert json.loads((run_dir / "config.json").read_text())["data_dir"] == str(elsewhere)
+
+
+def test_package_never_evaluates_or_unpickles_untrusted_text():
+    source = "\n".join(p.read_text() for p in sorted((REPO / "pyro_vae").glob("*.py")))
+    # ``eval()`` in prose and ``module.eval()`` / ``torch.compile()`` are not the builtins.
+    assert not re.search(r"(?<![\w.`])(eval|exec|compile|__import__)\(", source)
+    assert not re.search(r"pickle\.loads?\(|yaml\.(unsafe_)?load\(|marshal\.loads?\(", source)
+    loads = re.findall(r"torch\.load\([^)]*\)", source)
+    assert loads and all("weights_only=True" in call for call in loads), loads
+    assert "pickle" not in (REPO / "pyro_vae" / "config.py").read_text()
