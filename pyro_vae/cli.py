@@ -16,6 +16,7 @@ import logging
 import math
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 import pyro
@@ -429,6 +430,11 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line, like errors: ``pyro-vae: warning: ...``."""
+    return f"pyro-vae: warning: {message}\n"
+
+
 def fix_malloc_threshold() -> bool:
     """Stop glibc's heap from fragmenting under the estimators' allocation pattern.
 
@@ -449,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = build_parser().parse_args(argv)
     fix_malloc_threshold()
+    warnings.formatwarning = format_warning
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(name)s: %(message)s",
@@ -511,7 +518,12 @@ def add_evaluate_parser(subparsers) -> None:
 
 def cmd_evaluate(args) -> int:
     # Imported here so that 'train' and 'sample' do not pay for them.
-    from pyro_vae.evaluate import evaluate_run, format_evaluation, write_evaluation
+    from pyro_vae.evaluate import (
+        evaluate_run,
+        evaluation_file,
+        format_evaluation,
+        write_evaluation,
+    )
 
     result = evaluate_run(
         args.run_dir,
@@ -522,7 +534,7 @@ def cmd_evaluate(args) -> int:
         seed=args.seed,
         limit=args.limit,
     )
-    path = write_evaluation(args.run_dir, result)
+    path = write_evaluation(args.run_dir, result, evaluation_file(args.split, args.limit))
     print(format_evaluation(result))
     print(f"wrote {path}")
     return 0

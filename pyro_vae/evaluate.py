@@ -393,9 +393,17 @@ def peak_memory_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def write_evaluation(run_dir: str | Path, result: dict) -> Path:
-    """Write ``result`` to ``run_dir/evaluation.json`` atomically; returns the path."""
-    path = Path(run_dir) / EVALUATION_FILE
+def evaluation_file(split: str = "test", limit: int | None = None) -> str:
+    """``evaluation.json`` for a whole test split; other splits and ``limit`` get their own
+    names, so a quick look never overwrites the full evaluation."""
+    stem = EVALUATION_FILE.removesuffix(".json")
+    suffix = ("" if split == "test" else f"-{split}") + ("" if limit is None else f"-first{limit}")
+    return f"{stem}{suffix}.json"
+
+
+def write_evaluation(run_dir: str | Path, result: dict, name: str = EVALUATION_FILE) -> Path:
+    """Write ``result`` to ``run_dir/name`` atomically; returns the path."""
+    path = Path(run_dir) / name
     atomic_write_text(path, dumps_json(result))
     return path
 

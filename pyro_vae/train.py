@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torch.distributions import constraints
 
 from pyro_vae.config import Config
 from pyro_vae.data import Dataset, check_finite, iterate_batches
+from pyro_vae.estimators import estimate_elbo_terms
 from pyro_vae.objectives import get_elbo
 from pyro_vae.runs import (
     build_vae,
@@ -122,6 +124,31 @@ def prepare_fit(vae: VAE, dataset: Dataset, config: Config) -> None:
             f"batch_size {config.batch_size} is larger than the {num_train} training datapoints "
             f"of {dataset.name!r}; use a batch_size (--batch-size) of at most {num_train}"
         )
+
+
+def warn_if_kl_is_sampled(vae: VAE, x: torch.Tensor) -> tuple[str, ...]:
+    """Warn, naming the sites, if ``TraceMeanField_ELBO`` would sample KL terms of ``vae``.
+
+    Pyro's mean-field ELBO falls back to the Monte Carlo KL, silently, for every latent site
+    whose KL has no closed form (mixture, VampPrior and Student-t priors, flow guides); this
+    says so instead. Leaves the global random state alone.
+
+    :returns: the latent sites whose KL is sampled.
+    """
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            terms = estimate_elbo_terms(vae.model, vae.guide, x, analytic_kl=True)
+    if terms.sampled_sites:
+        warnings.warn(
+            f"--elbo meanfield: KL(q || p) has no closed form for latent site(s) "
+            f"{list(terms.sampled_sites)} of this model (prior {type(vae.prior).__name__}, "
+            f"guide {type(vae.guide_family).__name__}), so TraceMeanField_ELBO samples it: "
+            "training there is the Monte Carlo ELBO (--elbo trace)",
+            UserWarning,
+            stacklevel=2,
+        )
+    return terms.sampled_sites
 
 
 def check_config_describes(vae: VAE, config: Config) -> None:
@@ -297,6 +324,8 @@ def fit(
     """
     config = Config() if config is None else config
     prepare_fit(vae, dataset, config)
+    if config.elbo == "meanfield":
+        warn_if_kl_is_sampled(vae, dataset.test_x[:2])
     # A model that config.json cannot rebuild (a custom VAE class, an unregistered part) is
     # reloaded with load_run(run_dir, vae=...) instead.
     if run_dir is not None and is_buildable(config):

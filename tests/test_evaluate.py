@@ -154,9 +154,16 @@ def test_cli_evaluate_writes_json_atomically_and_prints_a_table(run_dir, capsys)
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "log p(x), K=20" in out and "bits/dim" in out and "active units" in out
-    saved = json.loads((run_dir / EVALUATION_FILE).read_text())
+    # A look at the first 40 points gets its own file: it never overwrites a full evaluation.
+    assert not (run_dir / EVALUATION_FILE).exists()
+    saved = json.loads((run_dir / "evaluation-first40.json").read_text())
     assert saved["num_samples"] == 20 and saved["num_datapoints"] == 40 and saved["seed"] == 1
     assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    assert main(["evaluate", str(run_dir), "--num-samples", "5", "--split", "train"]) == 0
+    saved = json.loads((run_dir / "evaluation-train.json").read_text())
+    assert saved["split"] == "train" and saved["num_datapoints"] == 1497
+    assert main(["evaluate", str(run_dir), "--num-samples", "5"]) == 0
+    assert json.loads((run_dir / EVALUATION_FILE).read_text())["num_datapoints"] == 300
 
 
 @pytest.mark.parametrize(

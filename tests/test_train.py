@@ -120,3 +120,16 @@ def test_data_outside_the_likelihood_support_is_refused(digits):
     config = small_config(binarize="none")
     with pytest.raises(ValueError, match=r"'bernoulli' needs data in \{0, 1\}.*--binarize"):
         fit(small_vae(config), digits, config)
+
+
+def test_meanfield_without_closed_form_kl_says_so(digits):
+    config = small_config(elbo="meanfield", epochs=1)
+    vae = VAE(64, latent_dim=4, hidden_dims=(32,), prior="mixture")
+    with pytest.warns(UserWarning, match=r"no closed form for latent site\(s\) \['z'\]"):
+        fit(vae, digits, config)
+
+
+def test_meanfield_with_closed_form_kl_is_silent(digits, recwarn):
+    config = small_config(elbo="meanfield", epochs=1)
+    fit(small_vae(config), digits, config)
+    assert not [w for w in recwarn if "closed form" in str(w.message)]
