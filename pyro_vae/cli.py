@@ -80,6 +80,23 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def seed_value(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32 - 1], got {text!r}")
+    return value
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` after the subcommand too; SUPPRESS keeps one given before it."""
+    parser.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
+    )
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -203,7 +220,7 @@ def add_train_parser(subparsers) -> None:
     flag("--batch-size", "datapoints per step", type=positive_int)
     flag("--beta", "weight of the KL term", type=positive_float)
     flag("--warmup-epochs", "epochs of linear KL warm-up from 0 to beta", type=non_negative_int)
-    flag("--seed", "random seed (same seed on CPU, same numbers)", type=non_negative_int)
+    flag("--seed", "random seed (same seed on CPU, same numbers)", type=seed_value)
     flag("--device", "auto (CUDA when available), cpu, cuda or cuda:N", type=device_name)
     p.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
     p.add_argument(
@@ -213,6 +230,7 @@ def add_train_parser(subparsers) -> None:
         help="continue the run in RUN_DIR from its last checkpoint (only --epochs, --device and "
         "--data-dir may be given with it)",
     )
+    add_debug_flag(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -301,7 +319,8 @@ def resumed_data_dir(args, config: Config, run_dir: Path) -> str | None:
 def check_new_run_dir(out: str) -> Path:
     """``--out`` must not hold a run already: training would overwrite it."""
     run_dir = Path(out)
-    if (run_dir / CONFIG_FILE).exists() or (run_dir / CHECKPOINT_FILE).exists():
+    # A folder with a config.json but no checkpoint was stopped before training began: reuse it.
+    if (run_dir / CHECKPOINT_FILE).exists():
         raise UsageError(
             f"{run_dir} already holds a run; continue it with --resume {shlex.quote(out)} "
             "or choose another --out"
@@ -397,9 +416,10 @@ def add_sample_parser(subparsers) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by 'pyro-vae train'")
     p.add_argument("--num", type=positive_int, default=64, help="number of samples")
     p.add_argument("--cols", type=positive_int, default=8, help="images per row of the grid")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=seed_value, default=0, help="random seed")
     p.add_argument("--device", default="cpu", type=device_name, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/sample_grid.png)")
+    add_debug_flag(p)
     p.set_defaults(func=cmd_sample)
 
 
@@ -509,10 +529,11 @@ def add_evaluate_parser(subparsers) -> None:
     p.add_argument("--split", choices=["test", "train"], default="test", help="data split")
     p.add_argument("--data-dir", default=None, help="overrides the data folder of the run")
     p.add_argument("--device", default="cpu", type=device_name, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
+    p.add_argument("--seed", type=seed_value, default=0, help="random seed")
     p.add_argument(
         "--limit", type=positive_int, default=None, help="evaluate only the first N datapoints"
     )
+    add_debug_flag(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -567,7 +588,8 @@ def add_compare_parser(subparsers) -> None:
     )
     p.add_argument("--data-dir", default=None, help="overrides the data folder of the run")
     p.add_argument("--device", default="cpu", type=device_name, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
+    p.add_argument("--seed", type=seed_value, default=0, help="random seed")
+    add_debug_flag(p)
     p.set_defaults(func=cmd_compare)
 
 

@@ -202,7 +202,9 @@ def compare_elbo_variance(vae: VAE, x: torch.Tensor, num_draws: int = 100, seed:
     difference = (mc.elbo - an.elbo).mean().item()
     stderr = (mc.stderr.pow(2) + an.stderr.pow(2)).sum().sqrt().item() / x.shape[0]
     ratios = stds["monte_carlo"] / stds["analytic_kl"]
-    quantiles = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=ratios.dtype)
+    quantiles = torch.tensor(
+        [0.05, 0.25, 0.5, 0.75, 0.95], dtype=ratios.dtype, device=ratios.device
+    )
     finite = ratios[torch.isfinite(ratios)]
     result.update(
         difference=difference,

@@ -133,9 +133,7 @@ class Normal(Likelihood):
 
     def __init__(self, data_dim: int, scale: float = 0.1):
         super().__init__(data_dim)
-        if not scale > 0:
-            raise ValueError(f"normal likelihood scale must be positive, got {scale!r}")
-        self.scale = float(scale)
+        self.scale = _check_positive("normal likelihood scale", scale)
 
     def forward(self, decoder_output: torch.Tensor) -> dist.TorchDistribution:
         return dist.Normal(decoder_output, self.scale).to_event(1)

@@ -97,10 +97,15 @@ def plot_latent_space(
     labels: torch.Tensor | None = None,
     ax: Axes | None = None,
 ) -> Figure:
-    """Scatter latent codes coloured by label: 2-D codes directly, others after PCA to 2-D."""
+    """Scatter latent codes coloured by label: 2-D codes directly, 1-D codes against the label
+    (or the row), others after PCA to 2-D."""
     codes = codes.detach().float().cpu().numpy()
     fig, ax = _axes(ax, (5.5, 5))
-    if codes.shape[1] == 2:
+    if codes.shape[1] == 1:
+        other = np.arange(len(codes)) if labels is None else labels.cpu().numpy()
+        xy = np.stack([codes[:, 0], other], axis=1)
+        names = ("z[0]", "row" if labels is None else "label")
+    elif codes.shape[1] == 2:
         xy, names = codes, ("z[0]", "z[1]")
     else:
         from sklearn.decomposition import PCA

@@ -254,6 +254,7 @@ def save_checkpoint(
     step: int,
 ) -> None:
     """Save model, optimizer, config, epoch counter and RNG state to ``checkpoint.pt``."""
+    device = next(vae.parameters()).device
     state = {
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
@@ -263,7 +264,8 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "rng": {
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # Only the training device's generator: a CPU run never initialises CUDA.
+            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
         },
     }
     buf = io.BytesIO()

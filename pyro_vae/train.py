@@ -49,6 +49,13 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or cuda:N") from e
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {name!r}; choose auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and torch.cuda.is_available():
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r} was requested but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s); use cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1}"
+            )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device {name!r} was requested but CUDA is not available on this machine; "
@@ -113,7 +120,16 @@ def prepare_fit(vae: VAE, dataset: Dataset, config: Config) -> None:
         raise TypeError(
             f"dataset must be a pyro_vae Dataset (see load_dataset), got {type(dataset).__name__}"
         )
-    config.binarize = resolve_binarize(config.binarize, vae.likelihood)
+    # The data were binarized when loaded: config.json must say how, or a resumed run would
+    # reload them differently.
+    if config.binarize is None:
+        config.binarize = dataset.binarize
+    elif config.binarize != dataset.binarize:
+        raise ValueError(
+            f"config.binarize is {config.binarize!r} but the dataset was loaded with "
+            f"binarize={dataset.binarize!r}; load it with load_dataset(..., "
+            f"binarize={config.binarize!r}) or leave config.binarize unset"
+        )
     record_model(config, vae)
     config.image_shape = list(dataset.image_shape)
     config.validate()
@@ -277,7 +293,7 @@ def restore_checkpoint(
     optimizer.load_state_dict(checkpoint["optimizer"])
     torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
     if device.type == "cuda" and checkpoint["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all([s.cpu() for s in checkpoint["rng"]["cuda"]])
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][0].cpu(), device)
     return checkpoint["epoch"], checkpoint["step"]
 
 
@@ -324,14 +340,14 @@ def fit(
     """
     config = Config() if config is None else config
     prepare_fit(vae, dataset, config)
+    device = dataset.train_x.device
+    vae.to(device)
     if config.elbo == "meanfield":
         warn_if_kl_is_sampled(vae, dataset.test_x[:2])
     # A model that config.json cannot rebuild (a custom VAE class, an unregistered part) is
     # reloaded with load_run(run_dir, vae=...) instead.
     if run_dir is not None and is_buildable(config):
         check_config_describes(vae, config)
-    device = dataset.train_x.device
-    vae.to(device)
     optimizer = make_optimizer(vae, config)
     rows = list(metrics or [])
     if checkpoint is None:

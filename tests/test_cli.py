@@ -155,3 +155,10 @@ def test_malloc_threshold_is_fixed_on_glibc():
     from pyro_vae.cli import fix_malloc_threshold
 
     assert fix_malloc_threshold() == (platform.libc_ver()[0] == "glibc")
+
+
+def test_one_dimensional_latent_trains_and_plots(tmp_path):
+    out = tmp_path / "r"
+    args = ["train", "--epochs", "1", "--latent-dim", "1", "--hidden-dims", "8", "--out", str(out)]
+    assert main(args) == 0
+    assert (out / "latent_space.png").is_file()

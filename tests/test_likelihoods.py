@@ -238,7 +238,7 @@ def test_get_likelihood_unknown_name_error():
 @pytest.mark.parametrize(
     "name, kwargs, message",
     [
-        ("normal", {"scale": 0}, "normal likelihood scale must be positive"),
+        ("normal", {"scale": 0}, "normal likelihood scale must be a positive number"),
         ("laplace", {"scale": -1.0}, "laplace likelihood scale must be a positive number"),
         ("learned_normal", {"min_scale": 0}, "learned_normal likelihood min_scale must be"),
         ("learned_normal", {"init_scale": 1e-4}, "init_scale must exceed min_scale"),

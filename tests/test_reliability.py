@@ -117,13 +117,18 @@ def test_unknown_device_is_a_usage_error(command, capsys):
         (["train", "--beta", "nan"], "--beta", "nan"),
         (["train", "--warmup-epochs", "-1"], "--warmup-epochs", "-1"),
         (["train", "--seed", "-1"], "--seed", "-1"),
+        (["train", "--seed", "4294967296"], "--seed", "4294967296"),
+        (["sample", "RUN", "--seed", "-1"], "--seed", "-1"),
         (["sample", "RUN", "--num", "0"], "--num", "0"),
         (["sample", "RUN", "--cols", "-2"], "--cols", "-2"),
     ],
 )
 def test_non_positive_or_non_finite_numbers_are_usage_errors(args, flag, value, capsys):
     err = usage_error(capsys, args)
-    expected = r"expected a (positive|non-negative) (integer|finite number), got "
+    expected = (
+        r"expected (a (positive|non-negative) (integer|finite number)|an integer in "
+        r"\[0, 2\*\*32 - 1\]), got "
+    )
     assert re.search(f"argument {flag}: {expected}'{re.escape(value)}'", err), err
 
 

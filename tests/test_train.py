@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pyro_vae import VAE, Config, evaluate_elbo, fit
+from pyro_vae import VAE, Config, evaluate_elbo, fit, load_dataset
 from pyro_vae.runs import load_checkpoint, read_metrics
 from pyro_vae.train import kl_weight, resolve_binarize, resolve_device
 
@@ -116,9 +116,17 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(digit
     assert [r["epoch"] for r in read_metrics(tmp_path)] == [1]
 
 
-def test_data_outside_the_likelihood_support_is_refused(digits):
-    config = small_config(binarize="none")
+def test_data_outside_the_likelihood_support_is_refused():
+    grey = load_dataset("digits", binarize="none")
+    config = small_config()
     with pytest.raises(ValueError, match=r"'bernoulli' needs data in \{0, 1\}.*--binarize"):
+        fit(small_vae(config), grey, config)
+    assert config.binarize == "none"  # recorded from the data set
+
+
+def test_config_binarize_must_match_the_data_set(digits):
+    config = small_config(binarize="static")
+    with pytest.raises(ValueError, match="config.binarize is 'static' but the dataset was loaded"):
         fit(small_vae(config), digits, config)
 
 
