@@ -49,7 +49,13 @@ import torch
 from pyro_vae.config import Config
 from pyro_vae.data import Dataset
 from pyro_vae.estimators import estimate_elbo, estimate_elbo_terms
-from pyro_vae.evaluate import analytic_kl_available, as_run, dumps_json, select_split
+from pyro_vae.evaluate import (
+    analytic_kl_available,
+    as_run,
+    dumps_json,
+    model_summary,
+    select_split,
+)
 from pyro_vae.objectives import get_elbo
 from pyro_vae.plots import plot_histogram, plot_training_comparison
 from pyro_vae.runs import Run, atomic_write_text, build_vae, load_run_dataset
@@ -124,7 +130,7 @@ def compare_run(
     analytic = analytic_kl_available(vae, x_test)
     result = {
         "run_dir": str(run.path),
-        "model": _describe(config),
+        "model": model_summary(config),
         "analytic_kl_available": analytic,
         "note": None if analytic else no_analytic_kl_note(vae),
         "settings": {
@@ -505,18 +511,6 @@ def write_comparison(run_dir: str | Path, result: dict, command: str | None = No
         fig.savefig(run_dir / name, dpi=120)
         paths.append(run_dir / name)
     return paths
-
-
-def _describe(config: Config) -> dict:
-    return {
-        "dataset": config.dataset,
-        "prior": config.prior,
-        "likelihood": config.likelihood,
-        "guide": config.guide,
-        "latent_dim": config.latent_dim,
-        "hidden_dims": list(config.hidden_dims),
-        "trained_with_elbo": config.elbo,
-    }
 
 
 class _Welford:

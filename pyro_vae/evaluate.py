@@ -35,6 +35,7 @@ from pathlib import Path
 import pyro
 import torch
 
+from pyro_vae.config import Config
 from pyro_vae.data import Dataset
 from pyro_vae.estimators import ELBOTerms, estimate_elbo_terms, estimate_log_likelihood_curve
 from pyro_vae.guides import has_analytic_kl
@@ -112,15 +113,7 @@ def evaluate_run(
         "dataset": config.dataset,
         "split": split,
         "binarize": resolve_binarize(config.binarize, run.vae.likelihood),
-        "model": {
-            "prior": config.prior,
-            "likelihood": config.likelihood,
-            "guide": config.guide,
-            "latent_dim": config.latent_dim,
-            "hidden_dims": list(config.hidden_dims),
-            "trained_with_elbo": config.elbo,
-            "epochs": run.checkpoint.get("epoch"),
-        },
+        "model": {**model_summary(config), "epochs": run.checkpoint.get("epoch")},
     }
     result.update(
         evaluate_vae(run.vae, x, num_samples, seed=seed, num_elbo_particles=num_elbo_particles)
@@ -384,6 +377,19 @@ def analytic_kl_available(vae: VAE, x: torch.Tensor) -> bool:
     """
     with torch.no_grad():
         return has_analytic_kl(vae.encode(x[:1]), vae.prior())
+
+
+def model_summary(config: Config) -> dict:
+    """The model fields of a run's config that reports print."""
+    return {
+        "dataset": config.dataset,
+        "prior": config.prior,
+        "likelihood": config.likelihood,
+        "guide": config.guide,
+        "latent_dim": config.latent_dim,
+        "hidden_dims": list(config.hidden_dims),
+        "trained_with_elbo": config.elbo,
+    }
 
 
 def peak_memory_mb() -> float:
