@@ -33,5 +33,21 @@ def digits():
     return load_dataset("digits", binarize="dynamic")
 
 
+@pytest.fixture(scope="session")
+def train_tiny_run(digits):
+    """A function training a 2-epoch, 2-D-latent VAE on digits into a run folder."""
+    from pyro_vae import VAE, Config, fit
+
+    tiny = {"epochs": 2, "latent_dim": 2, "hidden_dims": [16], "lr": 3e-3, "batch_size": 64}
+
+    def train(run_dir, prior="normal"):
+        torch.manual_seed(0)
+        vae = VAE(digits.data_dim, latent_dim=2, hidden_dims=[16], prior=prior)
+        fit(vae, digits, Config(**tiny, prior=prior), run_dir=run_dir)
+        return run_dir
+
+    return train
+
+
 def pytest_configure(config):
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -1,39 +1,26 @@
 import json
 
 import pytest
-import torch
 
 from pyro_vae import (
-    VAE,
-    Config,
     compare_elbo_variance,
     compare_gradient_variance,
     compare_run,
     compare_training,
-    fit,
     load_run,
 )
 from pyro_vae.cli import main
 from pyro_vae.compare import format_comparison_markdown, write_comparison
 
-TINY = {"epochs": 2, "latent_dim": 2, "hidden_dims": [16], "lr": 3e-3, "batch_size": 64}
 
-
-def train_tiny_run(run_dir, digits, prior="normal"):
-    torch.manual_seed(0)
-    vae = VAE(digits.data_dim, latent_dim=2, hidden_dims=[16], prior=prior)
-    fit(vae, digits, Config(**TINY, prior=prior), run_dir=run_dir)
-    return run_dir
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, train_tiny_run):
+    return train_tiny_run(tmp_path_factory.mktemp("compare") / "run")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, digits):
-    return train_tiny_run(tmp_path_factory.mktemp("compare") / "run", digits)
-
-
-@pytest.fixture(scope="module")
-def mixture_run_dir(tmp_path_factory, digits):
-    return train_tiny_run(tmp_path_factory.mktemp("compare") / "mixture", digits, "mixture")
+def mixture_run_dir(tmp_path_factory, train_tiny_run):
+    return train_tiny_run(tmp_path_factory.mktemp("compare") / "mixture", "mixture")
 
 
 def test_elbo_estimators_agree_and_report_their_spread(run_dir, digits):

@@ -5,23 +5,14 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_vae import VAE, Config, active_units, evaluate_run, fit, load_run
+from pyro_vae import active_units, evaluate_run, load_run
 from pyro_vae.cli import main
 from pyro_vae.evaluate import EVALUATION_FILE, select_split
 
-TINY = {"epochs": 2, "latent_dim": 2, "hidden_dims": [16], "lr": 3e-3, "batch_size": 64}
-
-
-def train_tiny_run(run_dir, digits, prior="normal"):
-    torch.manual_seed(0)
-    vae = VAE(digits.data_dim, latent_dim=2, hidden_dims=[16], prior=prior)
-    fit(vae, digits, Config(**TINY, prior=prior), run_dir=run_dir)
-    return run_dir
-
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, digits):
-    return train_tiny_run(tmp_path_factory.mktemp("evaluate") / "run", digits)
+def run_dir(tmp_path_factory, train_tiny_run):
+    return train_tiny_run(tmp_path_factory.mktemp("evaluate") / "run")
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +120,8 @@ def test_evaluate_train_split_and_tensor_input(run_dir, digits):
     assert evaluate_run(run_dir, x, num_samples=5)["log_likelihood"] == result["log_likelihood"]
 
 
-def test_no_analytic_kl_is_said_plainly(tmp_path, digits):
-    run_dir = train_tiny_run(tmp_path / "mixture", digits, prior="mixture")
+def test_no_analytic_kl_is_said_plainly(tmp_path, train_tiny_run):
+    run_dir = train_tiny_run(tmp_path / "mixture", prior="mixture")
     result = evaluate_run(load_run(run_dir), num_samples=5, limit=30)
     assert not result["analytic_kl_available"]
     assert result["elbo"]["analytic_kl"]["analytic_sites"] == []
