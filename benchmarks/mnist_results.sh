@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The MNIST numbers quoted in README, end to end: train, evaluate (K=5000 over the 10,000 test
 # images), compare the two ELBO estimators, and the prior table. Copies the result files into
-# benchmarks/results/. About an hour on 2 CPU cores.
+# benchmarks/results/. About an hour and a half on 2 CPU cores.
 #
 #   bash benchmarks/mnist_results.sh ../shared/data
 set -euo pipefail
@@ -23,3 +23,4 @@ for run in mnist mnist-mixture mnist-vamp; do
 done
 cp runs/mnist/comparison.json runs/mnist/comparison.md runs/mnist/comparison_curves.png "$out/"
 python benchmarks/train_speed.py --data-dir "$data_dir"
+python benchmarks/mixture_log_prob.py

@@ -41,6 +41,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pyro
@@ -58,7 +59,7 @@ from pyro_vae.evaluate import (
 )
 from pyro_vae.objectives import get_elbo
 from pyro_vae.plots import plot_histogram, plot_training_comparison
-from pyro_vae.runs import Run, atomic_write_text, build_vae, load_run_dataset
+from pyro_vae.runs import Run, atomic_write_text, build_vae, is_buildable, load_run_dataset
 from pyro_vae.train import fit, resolve_binarize
 from pyro_vae.vae import VAE
 
@@ -96,6 +97,7 @@ def compare_run(
     seed: int = 0,
     data_dir: str | Path | None = None,
     device: str | torch.device | None = None,
+    make_vae: Callable[[], VAE] | None = None,
 ) -> dict:
     """Run the three measurements of this module on a trained run.
 
@@ -114,6 +116,9 @@ def compare_run(
     :param int seed: seed of every random draw and of the training runs.
     :param data_dir: overrides the run's ``data_dir``.
     :param device: where to compute; default the run's device (``"cpu"`` for a path).
+    :param make_vae: builds a fresh untrained model for the training study; needed only for a
+        model that ``config.json`` cannot rebuild (a custom model class or unregistered parts,
+        loaded with ``load_run(run_dir, vae=...)``). Default: :func:`~pyro_vae.runs.build_vae`.
     :returns: a dict with ``run_dir``, ``model``, ``analytic_kl_available``, ``note``,
         ``elbo_variance``, ``gradient_variance``, ``training`` (or ``None``) and ``settings``.
     """
@@ -123,6 +128,19 @@ def compare_run(
     _check_int("train_epochs", train_epochs, minimum=0)
     run = as_run(run, device)
     vae, config = run.vae, run.config
+    if train_epochs and make_vae is None and not is_buildable(config):
+        raise ValueError(
+            "compare's training study trains two fresh models, and config.json cannot rebuild "
+            "this run's model (a custom model class or an unregistered part); pass "
+            "make_vae=<a function returning a new untrained model>, or train_epochs=0 to skip it"
+        )
+    if train_epochs and make_vae is not None:
+        try:  # fail now, not after the first two studies
+            make_vae().load_state_dict(vae.state_dict())
+        except (RuntimeError, KeyError) as error:
+            raise ValueError(
+                f"make_vae() builds a model whose parameters do not match the run's: {error}"
+            ) from None
     config.binarize = resolve_binarize(config.binarize, vae.likelihood)
     dataset = load_run_dataset(config, data_dir, device=next(vae.parameters()).device)
     x_test = select_split(dataset, "test")[:num_points]
@@ -146,7 +164,9 @@ def compare_run(
         result["elbo_variance"] = compare_elbo_variance(vae, x_test, num_draws, seed)
         result["gradient_variance"] = compare_gradient_variance(vae, x_batch, num_draws, seed)
         result["training"] = (
-            compare_training(config, dataset, train_epochs, seed) if train_epochs else None
+            compare_training(config, dataset, train_epochs, seed, make_vae=make_vae)
+            if train_epochs
+            else None
         )
     return result
 
@@ -306,10 +326,12 @@ def compare_training(
     num_epochs: int,
     seed: int = 0,
     eval_x: torch.Tensor | None = None,
+    make_vae: Callable[[], VAE] | None = None,
 ) -> dict:
     """Train the architecture of ``config`` once with each estimator, from one initialisation.
 
-    Both models start from the same ``state_dict`` (built with ``seed``) and are trained by
+    Both models start from the same ``state_dict`` (the model ``make_vae()`` builds after
+    ``torch.manual_seed(seed)``; by default the one ``config`` describes) and are trained by
     :func:`~pyro_vae.train.fit` with a copy of ``config`` in which only ``elbo``, ``epochs``
     and ``seed`` change, so both see the same minibatches and binarizations. Before training
     and after every epoch each model is scored on ``eval_x`` (default: the test split) with
@@ -324,6 +346,7 @@ def compare_training(
     :param int num_epochs: epochs of each training run.
     :param int seed: seed of the initialisation and of training.
     :param torch.Tensor eval_x: the data to score on.
+    :param make_vae: builds a fresh untrained model; default ``build_vae(config)``.
     :returns: ``curves``: estimator label -> rows with ``epoch``, ``step``, ``seconds``,
         ``train_elbo`` (the training objective, ``None`` before training), ``test_elbo_monte_carlo``
         and ``test_elbo_analytic_kl``; and ``score`` naming the estimator used for the plot.
@@ -332,12 +355,13 @@ def compare_training(
     base = dataclasses.replace(config, epochs=num_epochs, seed=seed)
     device = dataset.train_x.device
     eval_x = select_split(dataset, "test") if eval_x is None else eval_x
+    make_vae = make_vae or (lambda: build_vae(base))
     torch.manual_seed(seed)
-    initial = copy.deepcopy(build_vae(base).state_dict())
+    initial = copy.deepcopy(make_vae().state_dict())
     curves = {}
     for label, elbo_name in ESTIMATORS.items():
         cfg = dataclasses.replace(base, elbo=elbo_name)
-        vae = build_vae(cfg).to(device)
+        vae = make_vae().to(device)
         vae.load_state_dict(initial)
         rows = [{"epoch": 0, "step": 0, "seconds": 0.0, "train_elbo": None}]
         rows[0].update(_score(vae, eval_x, seed))

@@ -12,6 +12,7 @@ Constant tensors are buffers and trainable ones parameters, so every prior follo
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import pyro.distributions as dist
@@ -48,6 +49,87 @@ class Prior(Part):
 
     def forward(self) -> dist.TorchDistribution:
         raise NotImplementedError
+
+
+class DiagonalNormalMixture(dist.MixtureSameFamily):
+    """A mixture of K diagonal Normals N(loc_k, diag(scale_k^2)) whose :meth:`log_prob` costs
+    two matrix products.
+
+    :class:`~torch.distributions.MixtureSameFamily` evaluates every value against every component
+    in an ``(n, K, D)`` tensor. Expanding the square instead,
+    ``sum_d (z_d - loc_kd)^2 / scale_kd^2 = (z*z) @ w.T - 2 z @ (loc*w).T + sum_d loc_kd^2 w_kd``
+    with ``w = scale^-2``, costs two ``(n, D) x (D, K)`` products: over 10 times faster for
+    5000 draws against the 500 components of a VampPrior (``benchmarks/mixture_log_prob.py``).
+    The expansion subtracts large numbers, so it is computed in float64 (a few small products,
+    cheap on GPUs too); everything else keeps the dtype of the inputs. For float32 inputs it is
+    as accurate as the generic class. For float64 inputs it loses digits the generic class
+    keeps, where ``|z| / scale`` is huge (e.g. 0.02 nats at ``|z| = 100``, ``scale = 1e-4``).
+
+    :param torch.Tensor logits: unnormalized mixture weights, shape ``(K,)``.
+    :param torch.Tensor loc: component means, shape ``(K, D)``.
+    :param torch.Tensor scale: component standard deviations, shape ``(K, D)``.
+
+    >>> mix = DiagonalNormalMixture(torch.zeros(3), torch.randn(3, 2), torch.ones(3, 2))
+    >>> mix.log_prob(torch.randn(5, 2)).shape
+    torch.Size([5])
+    """
+
+    def __init__(
+        self,
+        logits: torch.Tensor,
+        loc: torch.Tensor,
+        scale: torch.Tensor,
+        validate_args: bool | None = None,
+    ):
+        if loc.dim() != 2 or scale.shape != loc.shape or logits.shape != loc.shape[:1]:
+            raise ValueError(
+                "DiagonalNormalMixture needs logits of shape (K,) and loc and scale of shape "
+                f"(K, D), got {tuple(logits.shape)}, {tuple(loc.shape)} and {tuple(scale.shape)}"
+            )
+        self._params = (logits, loc, scale)
+        super().__init__(
+            dist.Categorical(logits=logits),
+            dist.Normal(loc, scale).to_event(1),
+            validate_args=validate_args,
+        )
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(DiagonalNormalMixture, _instance)
+        new._params = self._params
+        return super().expand(batch_shape, _instance=new)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        logits, loc, scale = self._params
+        dtype = torch.promote_types(value.dtype, loc.dtype)
+        z = value.reshape(-1, loc.shape[-1]).double()
+        w = scale.double().pow(-2)
+        loc64 = loc.double()
+        quad = torch.addmm((loc64 * loc64 * w).sum(-1), z * z, w.T)
+        quad = torch.addmm(quad, z, (loc64 * w).T, alpha=-2).to(dtype).clamp(min=0)
+        log_norm = scale.log().sum(-1) + 0.5 * loc.shape[-1] * math.log(2 * math.pi)
+        log_weights = torch.log_softmax(logits, dim=-1)
+        log_prob = torch.logsumexp(log_weights - log_norm - 0.5 * quad, dim=-1)
+        log_prob = log_prob.reshape(value.shape[:-1])
+        shape = torch.broadcast_shapes(log_prob.shape, self.batch_shape)
+        return log_prob if shape == log_prob.shape else log_prob.expand(shape).contiguous()
+
+
+def mixture(logits: torch.Tensor, components: dist.TorchDistribution) -> dist.MixtureSameFamily:
+    """The mixture of ``components`` (batch shape ``(K,)``) with weights ``softmax(logits)``:
+    a :class:`DiagonalNormalMixture` when the components are diagonal Normals, else a
+    :class:`~pyro.distributions.MixtureSameFamily`.
+    """
+    normal = getattr(components, "base_dist", None)
+    if (
+        isinstance(components, torch.distributions.Independent)
+        and components.reinterpreted_batch_ndims == 1
+        and type(normal) in (dist.Normal, torch.distributions.Normal)
+        and normal.loc.dim() == 2
+    ):
+        return DiagonalNormalMixture(logits, normal.loc, normal.scale)
+    return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
 
 
 class StandardNormal(Prior):
@@ -127,8 +209,7 @@ class MixtureOfGaussians(Prior):
         self.logits = nn.Parameter(torch.zeros(num_components))
 
     def forward(self) -> dist.TorchDistribution:
-        components = dist.Normal(self.locs, positive_scale(self.raw_scales)).to_event(1)
-        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+        return DiagonalNormalMixture(self.logits, self.locs, positive_scale(self.raw_scales))
 
 
 class VampPrior(Prior):
@@ -190,8 +271,7 @@ class VampPrior(Prior):
                 "vamp prior is not bound to a VAE; pass it to VAE(prior=...) before using it"
             )
         components = self._vae.encode(self.pseudo_inputs)
-        logits = self.pseudo_inputs.new_zeros(self.num_components)
-        return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
+        return mixture(self.pseudo_inputs.new_zeros(self.num_components), components)
 
 
 class StudentT(Prior):

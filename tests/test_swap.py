@@ -11,6 +11,7 @@ from pyro import poutine
 
 from pyro_vae import GUIDES, LIKELIHOODS, PRIORS, VAE, Config, fit, load_dataset, load_run
 from pyro_vae.cli import main
+from pyro_vae.compare import compare_run, write_comparison
 from pyro_vae.estimators import estimate_elbo, estimate_log_likelihood
 from pyro_vae.guides import FullCovarianceNormal
 from pyro_vae.likelihoods import Normal
@@ -187,3 +188,26 @@ def test_custom_model_trains_evaluates_plots_and_reloads(digits, tmp_path):
     run = load_run(tmp_path, vae=LaplaceVAE(64, latent_dim=2, hidden_dims=(16,)))
     assert torch.equal(run.vae.reconstruct(x), vae.eval().reconstruct(x))
     assert run.config.vae_class == class_path(LaplaceVAE)
+
+
+def test_custom_model_compares_given_a_way_to_build_it(digits, tmp_path):
+    def make_vae() -> VAE:
+        return LaplaceVAE(64, latent_dim=2, hidden_dims=(16,))
+
+    fit(make_vae(), digits, tiny_config(), run_dir=tmp_path)
+    run = load_run(tmp_path, vae=make_vae())
+    small = {"num_draws": 5, "num_points": 20, "batch_size": 10}
+    with pytest.raises(ValueError, match=r"cannot rebuild this run's model .*make_vae="):
+        compare_run(run, train_epochs=1, **small)
+    assert compare_run(run, train_epochs=0, **small)["training"] is None
+    with pytest.raises(ValueError, match="make_vae.. builds a model whose parameters do not match"):
+        compare_run(run, make_vae=lambda: LaplaceVAE(64, latent_dim=3, hidden_dims=(16,)), **small)
+
+    result = compare_run(run, train_epochs=1, make_vae=make_vae, **small)
+    assert result["analytic_kl_available"]  # torch has KL(Normal || Laplace) in closed form
+    curves = result["training"]["curves"]
+    assert [row["epoch"] for row in curves["monte_carlo"]] == [0, 1]
+    first = [curves[label][0]["test_elbo_monte_carlo"] for label in ("monte_carlo", "analytic_kl")]
+    assert math.isfinite(first[0]) and first[0] == first[1]  # one initialisation for both
+    paths = write_comparison(tmp_path, result)
+    assert all(path.exists() for path in paths)
