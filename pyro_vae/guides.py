@@ -13,12 +13,12 @@ a mean-field ELBO can use a closed-form KL for a given (guide, prior) pair.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
-from pyro.nn import AutoRegressiveNN
+from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 from torch.distributions import Independent, MultivariateNormal, Normal, register_kl
 from torch.distributions import kl_divergence as _kl_divergence
@@ -157,42 +157,62 @@ class FullCovarianceNormal(GuideFamily):
 
 
 class _GatedAffineAutoregressive(T.AffineAutoregressive):
-    """Pyro's gated ("stable") IAF step, with an inverse that keeps the dtype of its input.
+    """Pyro's gated ("stable") IAF step, with an inverse that keeps the dtype of its input and
+    lets the context broadcast the batch shape.
 
     Pyro 1.9's inverse starts from float32 zeros whatever the dtype, which breaks float64 models
-    that evaluate the flow density at points it did not sample (the VampPrior does).
+    that evaluate the flow density at points it did not sample (the VampPrior does), and
+    assumes that the output has the batch shape of the input.
     """
 
-    def __init__(self, autoregressive_nn: AutoRegressiveNN):
+    def __init__(self, autoregressive_nn):
         super().__init__(autoregressive_nn, stable=True)
 
     def _inverse_stable(self, y: torch.Tensor) -> torch.Tensor:
         x = [y.new_zeros(y.shape[:-1])] * y.size(-1)
         for idx in self.arn.permutation:
-            mean, logit_scale = self.arn(torch.stack(x, dim=-1))
+            mean, logit_scale = self.arn(torch.stack(torch.broadcast_tensors(*x), dim=-1))
             inverse_scale = 1 + torch.exp(-logit_scale[..., idx] - self.sigmoid_bias)
             x[idx] = inverse_scale * y[..., idx] + (1 - inverse_scale) * mean[..., idx]
         self._cached_log_scale = self.logsigmoid(logit_scale + self.sigmoid_bias)
-        return torch.stack(x, dim=-1)
+        return torch.stack(torch.broadcast_tensors(*x), dim=-1)
+
+
+def _conditioned(made: ConditionalAutoRegressiveNN, context: torch.Tensor) -> Callable:
+    """The MADE with its context bound, as Pyro's ``ConditionalAffineAutoregressive.condition``
+    makes it, but broadcasting z and the context against each other both ways (Pyro's expands
+    only the context), so that a flow's density can be evaluated at points of another batch
+    shape: a VampPrior evaluates its K components at z of shape ``(..., 1, latent_dim)``."""
+
+    def made_at_context(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch_shape = torch.broadcast_shapes(z.shape[:-1], context.shape[:-1])
+        z = z.expand(batch_shape + z.shape[-1:])
+        return made(z, context.expand(batch_shape + context.shape[-1:]))
+
+    made_at_context.permutation = made.permutation
+    return made_at_context
 
 
 class InverseAutoregressiveFlow(GuideFamily):
     """A diagonal Gaussian from the encoder followed by ``num_flows`` inverse autoregressive
-    flows: q(z|x) is the law of f_K(...f_1(z0)) with z0 ~ N(loc(x), diag(scale(x)^2)).
+    flows: q(z|x) is the law of f_K(...f_1(z0; h(x))...; h(x)) with z0 ~ N(loc(x),
+    diag(scale(x)^2)).
 
-    Each flow is Pyro's :class:`~pyro.distributions.transforms.AffineAutoregressive` in its
-    gated ("stable") form of the IAF paper, z <- sigma * z + (1 - sigma) * m, with sigma and m
-    from a MADE network, and a fresh random variable order per flow. Unlike the paper, the flows
-    do not take a context vector from the encoder: their parameters are global (they live in
-    this module) and only the base Gaussian is amortized. The density of the guide's own samples
-    is cheap (the transforms cache their inputs); the density of other points needs one MADE
-    pass per latent dimension. There is no closed-form mean or KL: point estimates use a sample
-    and mean-field ELBOs fall back to a Monte Carlo KL.
+    As in the IAF paper, the encoder outputs a context vector h(x) besides the Gaussian's
+    parameters, and every flow takes it as an extra input, so the flows are amortized like the
+    Gaussian. Each flow is the gated ("stable") IAF step of the paper,
+    z <- sigma * z + (1 - sigma) * m, where sigma and m come from a MADE network
+    (:class:`~pyro.nn.ConditionalAutoRegressiveNN`) fed with z and h(x), with a fresh random
+    variable order per flow. The density of the guide's own samples is cheap (the transforms
+    cache their inputs); the density of other points needs one MADE pass per latent
+    dimension. There is no closed-form mean or KL: point estimates use a sample and mean-field
+    ELBOs fall back to a Monte Carlo KL.
 
     :param int latent_dim: size of the latent code (at least 2).
     :param int num_flows: number of flows K.
     :param hidden_dims: hidden sizes of each flow's MADE network; defaults to
         ``(3 * latent_dim + 1,)`` as in Pyro.
+    :param int context_dim: size of the context h(x); defaults to ``latent_dim``.
 
     References:
 
@@ -203,31 +223,41 @@ class InverseAutoregressiveFlow(GuideFamily):
     """
 
     def __init__(
-        self, latent_dim: int, num_flows: int = 2, hidden_dims: Sequence[int] | None = None
+        self,
+        latent_dim: int,
+        num_flows: int = 2,
+        hidden_dims: Sequence[int] | None = None,
+        context_dim: int | None = None,
     ):
         super().__init__(latent_dim)
         if latent_dim < 2:
             raise ValueError(
                 f"iaf guide needs latent_dim >= 2, got {latent_dim}; use the diagonal guide"
             )
-        if isinstance(num_flows, bool) or not isinstance(num_flows, int) or num_flows < 1:
-            raise ValueError(f"iaf guide num_flows must be a positive int, got {num_flows!r}")
+        for name, value in (("num_flows", num_flows), ("context_dim", context_dim)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"iaf guide {name} must be a positive int, got {value!r}")
         hidden_dims = [3 * latent_dim + 1] if hidden_dims is None else list(hidden_dims)
         if not hidden_dims or min(hidden_dims) < latent_dim:
             raise ValueError(
                 f"iaf guide hidden_dims must be non-empty and each >= latent_dim={latent_dim}, "
                 f"got {hidden_dims!r}"
             )
-        self.output_dim = 2 * latent_dim
+        self.context_dim = latent_dim if context_dim is None else context_dim
+        self.output_dim = 2 * latent_dim + self.context_dim
         self.flows = nn.ModuleList(
-            _GatedAffineAutoregressive(AutoRegressiveNN(latent_dim, hidden_dims))
+            ConditionalAutoRegressiveNN(latent_dim, self.context_dim, hidden_dims)
             for _ in range(num_flows)
         )
 
     def forward(self, encoder_output: torch.Tensor) -> dist.TorchDistribution:
-        loc, raw_scale = encoder_output.split(self.latent_dim, dim=-1)
+        sizes = [self.latent_dim, self.latent_dim, self.context_dim]
+        loc, raw_scale, context = encoder_output.split(sizes, dim=-1)
         base = dist.Normal(loc, positive_scale(raw_scale)).to_event(1)
-        return dist.TransformedDistribution(base, list(self.flows))
+        flows = [_GatedAffineAutoregressive(_conditioned(made, context)) for made in self.flows]
+        return dist.TransformedDistribution(base, flows)
 
 
 def get_guide(name: str, latent_dim: int, **kwargs) -> GuideFamily:

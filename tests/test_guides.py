@@ -117,6 +117,32 @@ def test_iaf_guide_density_away_from_its_samples_inverts_the_flow():
     assert point_estimate(q).shape == (4, LATENT_DIM)
 
 
+def test_iaf_flows_are_amortized_by_the_encoder_context():
+    family = GUIDES["iaf"](LATENT_DIM, context_dim=4)
+    assert family.output_dim == 2 * LATENT_DIM + 4
+    out = torch.randn(2, family.output_dim).requires_grad_()
+    with torch.no_grad():
+        out[1, : 2 * LATENT_DIM] = out[0, : 2 * LATENT_DIM]  # same base Gaussian, other context
+    q = family(out)
+    z = torch.randn(LATENT_DIM)
+    log_q = q.log_prob(z.expand(2, LATENT_DIM))
+    assert (log_q[0] - log_q[1]).abs() > 1e-4
+    (grad,) = torch.autograd.grad(q.rsample().sum(), out)
+    assert grad[:, 2 * LATENT_DIM :].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_iaf_density_broadcasts_points_against_a_batch_of_contexts(dtype):
+    # The VampPrior evaluates its components (a batch of K guides) at z of shape (..., 1, D).
+    family = GUIDES["iaf"](LATENT_DIM, num_flows=2).to(dtype)
+    out = torch.randn(5, family.output_dim, dtype=dtype)
+    z = torch.randn(2, 4, 1, LATENT_DIM, dtype=dtype)
+    log_q = family(out).log_prob(z)
+    assert log_q.shape == (2, 4, 5) and log_q.dtype == dtype
+    for k in range(5):
+        torch.testing.assert_close(log_q[..., k], family(out[k]).log_prob(z.squeeze(-2)))
+
+
 def test_positive_scale_round_trip():
     for scale in [1e-3, 0.5, 1.0, 20.0]:
         raw = torch.tensor(inverse_positive_scale(scale))
@@ -159,6 +185,7 @@ def test_get_guide_unknown_name_error():
     [
         (1, {}, "iaf guide needs latent_dim >= 2, got 1; use the diagonal guide"),
         (3, {"num_flows": 0}, "iaf guide num_flows must be a positive int, got 0"),
+        (3, {"context_dim": 0}, "iaf guide context_dim must be a positive int, got 0"),
         (3, {"hidden_dims": [2]}, r"each >= latent_dim=3, got \[2\]"),
     ],
 )
