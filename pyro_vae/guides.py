@@ -13,6 +13,7 @@ a mean-field ELBO can use a closed-form KL for a given (guide, prior) pair.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 
 import pyro.distributions as dist
@@ -22,6 +23,7 @@ from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 from torch.distributions import Independent, MultivariateNormal, Normal, register_kl
 from torch.distributions import kl_divergence as _kl_divergence
+from torch.distributions.transforms import _InverseTransform
 from torch.nn import functional as F
 
 from pyro_vae.parts import Part
@@ -162,11 +164,32 @@ class _GatedAffineAutoregressive(T.AffineAutoregressive):
 
     Pyro 1.9's inverse starts from float32 zeros whatever the dtype, which breaks float64 models
     that evaluate the flow density at points it did not sample (the VampPrior does), and
-    assumes that the output has the batch shape of the input.
+    assumes that the output has the batch shape of the input. This class is also free of
+    reference cycles, so a transform is freed as soon as its distribution is.
     """
 
     def __init__(self, autoregressive_nn):
         super().__init__(autoregressive_nn, stable=True)
+        # Pyro stores the stable methods as bound methods on the instance: a reference cycle
+        # that would keep each guide call's transforms and their cached tensors alive until
+        # the garbage collector runs, and fragment memory in long evaluations.
+        del self._call, self._inverse
+
+    @property
+    def inv(self) -> T.Transform:
+        # torch 2.14 holds the inverse strongly, and the inverse holds this transform: another
+        # cycle. Hold it weakly, as earlier torch releases did.
+        inv = self._inv() if isinstance(self._inv, weakref.ref) else None
+        if inv is None:
+            inv = _InverseTransform(self)
+            self._inv = weakref.ref(inv)
+        return inv
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        return self._call_stable(x)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return self._inverse_stable(y)
 
     def _inverse_stable(self, y: torch.Tensor) -> torch.Tensor:
         x = [y.new_zeros(y.shape[:-1])] * y.size(-1)

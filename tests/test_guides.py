@@ -1,3 +1,6 @@
+import gc
+import weakref
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -141,6 +144,21 @@ def test_iaf_density_broadcasts_points_against_a_batch_of_contexts(dtype):
     assert log_q.shape == (2, 4, 5) and log_q.dtype == dtype
     for k in range(5):
         torch.testing.assert_close(log_q[..., k], family(out[k]).log_prob(z.squeeze(-2)))
+
+
+def test_iaf_transforms_are_freed_without_the_garbage_collector():
+    # A reference cycle would keep every guide call's flows and cached tensors alive until a
+    # collection: 9 GB over a K=5000 evaluation of the MNIST test set.
+    family = GUIDES["iaf"](LATENT_DIM)
+    q = family(torch.randn(4, family.output_dim))
+    q.log_prob(q.sample())
+    refs = [weakref.ref(t) for t in q.transforms]
+    gc.disable()
+    try:
+        del q
+        assert [r() for r in refs] == [None] * len(refs)
+    finally:
+        gc.enable()
 
 
 def test_positive_scale_round_trip():
