@@ -90,12 +90,14 @@ def test_guide_point_estimate_works(name):
     assert code.shape == (4, LATENT_DIM) and torch.isfinite(code).all()
 
 
-def test_full_covariance_guide_fills_the_cholesky_factor_row_by_row():
+def test_full_covariance_guide_builds_the_cholesky_factor_row_by_row():
     family = GUIDES["full_covariance"](2)
     assert family.output_dim == 2 + 3
     raw_diag = inverse_positive_scale(0.5)
-    q = family(torch.tensor([[1.0, 2.0, raw_diag, -0.7, raw_diag]]))
-    expected = torch.tensor([[0.5, 0.0], [-0.7, 0.5]])
+    raw_second = inverse_positive_scale(2.0)
+    q = family(torch.tensor([[1.0, 2.0, raw_diag, -0.7, raw_second]]))
+    # L = U diag(s): the lower entry -0.7 of U is scaled by s of its column, 0.5.
+    expected = torch.tensor([[0.5, 0.0], [-0.35, 2.0]])
     torch.testing.assert_close(q.scale_tril[0], expected)
     torch.testing.assert_close(q.covariance_matrix[0], expected @ expected.T)
     torch.testing.assert_close(q.loc[0], torch.tensor([1.0, 2.0]))
