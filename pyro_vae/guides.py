@@ -260,10 +260,9 @@ class InverseAutoregressiveFlow(GuideFamily):
             raise ValueError(
                 f"iaf guide needs latent_dim >= 2, got {latent_dim}; use the diagonal guide"
             )
+        context_dim = latent_dim if context_dim is None else context_dim
         for name, value in (("num_flows", num_flows), ("context_dim", context_dim)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"iaf guide {name} must be a positive int, got {value!r}")
         hidden_dims = [3 * latent_dim + 1] if hidden_dims is None else list(hidden_dims)
         if not hidden_dims or min(hidden_dims) < latent_dim:
@@ -271,10 +270,10 @@ class InverseAutoregressiveFlow(GuideFamily):
                 f"iaf guide hidden_dims must be non-empty and each >= latent_dim={latent_dim}, "
                 f"got {hidden_dims!r}"
             )
-        self.context_dim = latent_dim if context_dim is None else context_dim
-        self.output_dim = 2 * latent_dim + self.context_dim
+        self.context_dim = context_dim
+        self.output_dim = 2 * latent_dim + context_dim
         self.flows = nn.ModuleList(
-            ConditionalAutoRegressiveNN(latent_dim, self.context_dim, hidden_dims)
+            ConditionalAutoRegressiveNN(latent_dim, context_dim, hidden_dims)
             for _ in range(num_flows)
         )
 

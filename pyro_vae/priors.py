@@ -86,7 +86,6 @@ class DiagonalNormalMixture(dist.MixtureSameFamily):
                 "DiagonalNormalMixture needs logits of shape (K,) and loc and scale of shape "
                 f"(K, D), got {tuple(logits.shape)}, {tuple(loc.shape)} and {tuple(scale.shape)}"
             )
-        self._params = (logits, loc, scale)
         super().__init__(
             dist.Categorical(logits=logits),
             dist.Normal(loc, scale).to_event(1),
@@ -95,13 +94,16 @@ class DiagonalNormalMixture(dist.MixtureSameFamily):
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(DiagonalNormalMixture, _instance)
-        new._params = self._params
         return super().expand(batch_shape, _instance=new)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        logits, loc, scale = self._params
+        # The parameters as built, shapes (K,) and (K, D): an expanded mixture repeats them.
+        first = (0,) * len(self.batch_shape)
+        logits = self.mixture_distribution.logits[first]
+        normal = self.component_distribution.base_dist
+        loc, scale = normal.loc[first], normal.scale[first]
         dtype = torch.promote_types(value.dtype, loc.dtype)
         z = value.reshape(-1, loc.shape[-1]).double()
         w = scale.double().pow(-2)
