@@ -56,6 +56,15 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds ``(default: ...)`` to a flag's help, unless the help already says its default."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class UsageError(ValueError):
     """Flags that do not go together; reported like an argparse error, with exit code 2."""
 
@@ -150,7 +159,7 @@ def add_train_parser(subparsers) -> None:
         help="train a VAE by SVI and write a run folder",
         description="Train a VAE by stochastic variational inference; writes config.json, "
         "metrics.csv, checkpoint.pt and figures into the run folder.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
 
     def flag(name: str, help: str, **kwargs) -> None:
@@ -411,7 +420,7 @@ def add_sample_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "sample",
         help="draw images from the prior of a trained run",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by 'pyro-vae train'")
     p.add_argument("--num", type=positive_int, default=64, help="number of samples")
@@ -438,7 +447,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="pyro-vae",
         description="Variational autoencoders in Pyro: train, sample, evaluate, compare.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
@@ -520,7 +529,7 @@ def add_evaluate_parser(subparsers) -> None:
         "importance samples, bits per dimension and active units. Writes RUN_DIR/evaluation.json "
         "and prints a table. K=5000 on the 10,000 MNIST test images (default 400-400 model) "
         "took 15 minutes on 2 CPU cores.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by 'pyro-vae train'")
     p.add_argument(
@@ -570,7 +579,7 @@ def add_compare_parser(subparsers) -> None:
         "minibatch, and test ELBO curves of the run's architecture trained from one "
         "initialisation with each. Writes comparison.json, comparison.md and PNGs into RUN_DIR. "
         "The training runs dominate the cost (2 x --train-epochs epochs).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by 'pyro-vae train'")
     p.add_argument("--draws", type=positive_int, default=100, help="draws R per estimate")

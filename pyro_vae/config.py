@@ -6,6 +6,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from pyro_vae.data import BINARIZATIONS, DATASETS
 from pyro_vae.guides import GUIDES
 from pyro_vae.likelihoods import LIKELIHOODS
@@ -92,6 +94,7 @@ class Config:
             raise ValueError(f"seed must be an integer in [0, 2**32 - 1], got {self.seed!r}")
         self._check_names()
         self._check_data_shape()
+        _check_format_version(self.format_version)
 
     def _check_names(self) -> None:
         registries = {
@@ -120,6 +123,8 @@ class Config:
             raise ValueError(f"vae_class must be an import path or None, got {self.vae_class!r}")
         if not isinstance(self.device, str):
             raise ValueError(f"device must be a string such as 'cpu', got {self.device!r}")
+        if not _is_device_name(self.device):
+            raise ValueError(f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             raise ValueError(f"data_dir must be a path string or None, got {self.data_dir!r}")
 
@@ -142,12 +147,7 @@ class Config:
         """Rebuild a config, refusing unknown keys and runs saved in another format."""
         if not isinstance(data, dict):
             raise ValueError(f"a config must be a JSON object, got {type(data).__name__}")
-        version = data.get("format_version", FORMAT_VERSION)
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"this run was saved in format version {version!r}; this pyro_vae reads "
-                f"version {FORMAT_VERSION}: use the pyro_vae version that wrote it"
-            )
+        _check_format_version(data.get("format_version", FORMAT_VERSION))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -162,3 +162,19 @@ def _is_positive_int(value) -> bool:
 def _is_positive_number(value) -> bool:
     number = isinstance(value, int | float) and not isinstance(value, bool)
     return number and math.isfinite(value) and value > 0
+
+
+def _is_device_name(text: str) -> bool:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, as the CLI's ``--device`` takes."""
+    try:
+        return text == "auto" or torch.device(text).type in ("cpu", "cuda")
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _check_format_version(version) -> None:
+    if isinstance(version, bool) or version != FORMAT_VERSION:
+        raise ValueError(
+            f"this run was saved in format version {version!r}; this pyro_vae reads "
+            f"format_version {FORMAT_VERSION}: use the pyro_vae version that wrote it"
+        )

@@ -5,7 +5,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import Adam
-from torch.distributions import constraints
+from torch.distributions import Independent, constraints
 
 from pyro_vae import VAE
 from pyro_vae.likelihoods import (
@@ -45,10 +45,25 @@ def edge_data(likelihood) -> list[torch.Tensor]:
     return [x for x in images if likelihood.support.check(x).all()]
 
 
+#: How many numbers each likelihood needs per pixel, counted from its definition (not read from
+#: ``output_dim``): a location and a log-scale for the discretized logistic, one otherwise.
+DECODER_OUTPUTS_PER_PIXEL = {
+    "bernoulli": 1,
+    "continuous_bernoulli": 1,
+    "discretized_logistic": 2,
+    "laplace": 1,
+    "learned_normal": 1,
+    "normal": 1,
+}
+
+
 @pytest.mark.parametrize("name", sorted(LIKELIHOODS))
-def test_likelihood_output_dim_matches_decoder(name):
+def test_decoder_produces_the_number_of_outputs_the_likelihood_needs(name):
+    assert name in DECODER_OUTPUTS_PER_PIXEL, f"add likelihood {name!r} to the tests' table"
     vae = VAE(DATA_DIM, 2, (16,), likelihood=name)
-    assert vae.decoder.output_dim == vae.likelihood.output_dim
+    out = vae.decoder(torch.randn(3, 2))
+    assert out.shape == (3, DECODER_OUTPUTS_PER_PIXEL[name] * DATA_DIM)
+    assert vae.likelihood(out).event_shape == (DATA_DIM,)
     assert vae.decode(torch.randn(3, 2)).event_shape == (DATA_DIM,)
 
 
@@ -81,6 +96,108 @@ def test_likelihood_mean_lies_in_data_range(name):
     assert mean.shape == (5, DATA_DIM)
     assert torch.isfinite(mean).all()
     assert (mean >= low).all() and (mean <= high).all()
+
+
+#: Points of the grid on which a continuous likelihood is integrated, per pixel.
+GRID_POINTS = 8001
+
+
+def support_points(support: constraints.Constraint) -> torch.Tensor | None:
+    """Every value of a discrete support, in float64; ``None`` for a continuous one."""
+    if support is constraints.boolean:
+        return torch.tensor([0.0, 1.0], dtype=torch.float64)
+    if isinstance(support, QuantizedUnitInterval):
+        return torch.arange(support.num_levels, dtype=torch.float64) / (support.num_levels - 1)
+    assert not support.is_discrete, f"enumerate the support {support!r} in the tests"
+    return None
+
+
+def support_width(support: constraints.Constraint) -> float:
+    """The width of a bounded support, 0 for the real line (see the mean test)."""
+    points = support_points(support)
+    if points is not None:
+        return (points.max() - points.min()).item()
+    if isinstance(support, constraints.interval):
+        return float(support.upper_bound) - float(support.lower_bound)
+    return 0.0
+
+
+def pixel_grid(pixel, support) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points ``(G, *pixel.batch_shape)`` at which to evaluate one pixel's law, with their
+    weights: the whole discrete support with weight 1, else a trapezoid grid over the support's
+    interval or, on the real line, over the range of 2,000 draws widened by that range on each
+    side (at least +-9 sd of a Normal, +-15 scales of a Laplace: the mass outside is below
+    1e-6, typically 1e-9)."""
+    points = support_points(support)
+    shape = pixel.batch_shape
+    if points is not None:
+        x = points.view(-1, *[1] * len(shape)).expand(-1, *shape)
+        return x, torch.ones_like(x)
+    if isinstance(support, constraints.interval):
+        low = torch.full(shape, float(support.lower_bound), dtype=torch.float64)
+        high = torch.full(shape, float(support.upper_bound), dtype=torch.float64)
+    else:
+        draws = pixel.sample((2000,))
+        low, high = draws.amin(0), draws.amax(0)
+        low, high = low - (high - low), high + (high - low)
+    t = torch.linspace(0, 1, GRID_POINTS, dtype=torch.float64).view(-1, *[1] * len(shape))
+    weights = torch.full_like(t, 1 / (GRID_POINTS - 1))
+    weights[[0, -1]] /= 2
+    return low + (high - low) * t, weights * (high - low)
+
+
+def pixel_moments(likelihood, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The total mass, mean and variance of each pixel of p(x|z), from ``log_prob`` alone."""
+    p = likelihood(out)
+    assert isinstance(p, Independent) and p.reinterpreted_batch_ndims == 1
+    x, weights = pixel_grid(p.base_dist, likelihood.support)
+    mass_at = weights * p.base_dist.log_prob(x).exp()
+    mass = mass_at.sum(0)
+    mean = (mass_at * x).sum(0) / mass
+    return mass, mean, (mass_at * (x - mean) ** 2).sum(0) / mass
+
+
+def spread_likelihood(name: str) -> tuple:
+    """A float64 likelihood of 16 pixels with its parameters moved from their initial values,
+    and 5 decoder outputs of several units (saturated pixels; for the discretized logistic,
+    locations inside and outside [0, 1] and scales from a quarter of a bin, the floor, to
+    several times [0, 1])."""
+    likelihood = get_likelihood(name, 16).double()
+    with torch.no_grad():
+        for param in likelihood.parameters():
+            param.add_(0.5 * torch.randn_like(param))
+    return likelihood, 3 * torch.randn(5, likelihood.output_dim, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", sorted(LIKELIHOODS))
+def test_likelihood_log_prob_sums_to_one_over_the_support_of_each_pixel(name):
+    likelihood, out = spread_likelihood(name)
+    mass, _, _ = pixel_moments(likelihood, out)
+    # Sums over a discrete support are exact to rounding. On a grid of step h the trapezoid rule
+    # errs by O(h^2 / scale^2) at a Laplace's kink, the worst case: 6e-5 at h = 0.02 scales,
+    # and here h is about 0.005 scales (4e-6).
+    torch.testing.assert_close(mass, torch.ones_like(mass), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(LIKELIHOODS))
+def test_likelihood_mean_is_the_mean_of_its_distribution_and_of_its_samples(name):
+    likelihood, out = spread_likelihood(name)
+    _, mean, variance = pixel_moments(likelihood, out)
+    with torch.no_grad():
+        reported = likelihood.mean(out)
+        torch.testing.assert_close(reported, mean, atol=1e-5, rtol=0)
+        torch.testing.assert_close(reported, likelihood(out).mean, atol=1e-6, rtol=1e-6)
+        draws = likelihood(out).sample((4000,))
+    # Bernstein's inequality: for draws in an interval of width B, a mean of n draws misses by
+    # more than sqrt(2 var t / n) + 2 B t / (3 n) with probability below 2 exp(-t). The B term
+    # covers the skewed means of nearly saturated pixels (a few ones among 4000 Bernoulli
+    # draws); real-line likelihoods here are symmetric, where the normal approximation holds:
+    # B = 0. t = 16 (5.7 standard errors): some of the 80 pixels fail less than once in 50,000
+    # seeds. 1e-9 is float rounding, for pixels whose variance is 0 to double precision.
+    n, t = draws.shape[0], 16.0
+    width = support_width(likelihood.support)
+    tolerance = (2 * variance * t / n).sqrt() + 2 * width * t / (3 * n) + 1e-9
+    assert ((draws.mean(0) - reported).abs() <= tolerance).all()
 
 
 @pytest.mark.parametrize("name", sorted(LIKELIHOODS))
@@ -135,6 +252,37 @@ def test_svi_step_every_likelihood(name, elbo):
         assert not torch.equal(p.detach(), before[n]), n
 
 
+#: The learnable parameters of every registered likelihood, written out from its definition.
+EXPECTED_PARAMETERS = {
+    "bernoulli": set(),
+    "continuous_bernoulli": set(),
+    "discretized_logistic": set(),
+    "laplace": set(),
+    "learned_normal": {"raw_scale"},
+    "normal": set(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LIKELIHOODS))
+def test_likelihood_parameters_get_elbo_gradients_and_change_in_training(name):
+    assert name in EXPECTED_PARAMETERS, f"list the parameters of likelihood {name!r} in the tests"
+    vae = VAE(DATA_DIM, 2, (16,), likelihood=name)
+    params = dict(vae.likelihood.named_parameters())
+    assert set(params) == EXPECTED_PARAMETERS[name]
+    x = valid_data(vae.likelihood, 6)
+    elbo = Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1)
+    elbo.differentiable_loss(vae.model, vae.guide, x).backward()
+    for param_name, param in params.items():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), param_name
+        assert param.grad.abs().sum() > 0, param_name
+    vae.zero_grad()
+    before = {n: p.detach().clone() for n, p in params.items()}
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-2}), elbo)
+    for _ in range(3):
+        svi.step(x)
+    assert {n for n, p in params.items() if not torch.equal(p.detach(), before[n])} == set(params)
+
+
 ALL_LEVELS = torch.arange(256, dtype=torch.float64) / 255
 
 
@@ -182,11 +330,35 @@ def test_discretized_logistic_tiny_masses_have_accurate_logs_and_gradients():
     assert loc.grad > 0  # moving the logistic towards the bin raises its mass
 
 
-def test_discretized_logistic_samples_lie_on_the_levels_with_the_right_mean():
-    p = DiscretizedLogisticDistribution(torch.tensor([0.2, 0.97]), torch.tensor([0.05, 0.1]))
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's goodness-of-fit p-value of ``counts`` against ``probs`` over the same cells,
+    cells expecting fewer than 5 draws pooled into one."""
+    expected = counts.sum() * probs
+    rare = expected < 5
+    observed = torch.cat([counts[~rare], counts[rare].sum().view(1)])
+    expected = torch.cat([expected[~rare], expected[rare].sum().view(1)])
+    statistic = ((observed - expected) ** 2 / expected).sum()
+    dof = torch.tensor(observed.numel() - 1, dtype=torch.float64)
+    return torch.special.gammaincc(dof / 2, statistic / 2).item()
+
+
+def test_discretized_logistic_samples_follow_its_pmf():
+    # Locations on, between and near the edge levels; scales from 1 bin, where the sampler's
+    # rounding decides which level a draw lands on (a floor shifts every draw by half a bin:
+    # noncentrality about N / (12 scale^2) in bins, over 1,000 here), to 25 bins.
+    loc = torch.tensor([0.2, 0.97, 0.3, 0.5 + 0.37 / 255, 0.01], dtype=torch.float64)
+    scale = torch.tensor([0.05, 0.1, 1 / 255, 2 / 255, 3 / 255], dtype=torch.float64)
+    p = DiscretizedLogisticDistribution(loc, scale)
     x = p.sample((20000,))
     assert QuantizedUnitInterval(256).check(x).all()
-    torch.testing.assert_close(x.mean(0), p.mean, atol=5e-3, rtol=0)
+    pmf = p.log_prob(ALL_LEVELS.unsqueeze(-1)).exp()  # (level, pixel)
+    variance = (pmf * (ALL_LEVELS.unsqueeze(-1) - p.mean) ** 2).sum(0)
+    # 5 standard errors of the 20,000-draw mean: 3.2e-3 for the first pixel (sd 0.09).
+    assert ((x.mean(0) - p.mean).abs() < 5 * (variance / x.shape[0]).sqrt()).all()
+    counts = torch.zeros_like(pmf).scatter_add_(0, (x * 255).round().long(), torch.ones_like(x))
+    for pixel in range(loc.numel()):
+        # 5 pixels at a threshold of 1e-6: a false alarm about once in 200,000 seeds.
+        assert chi_square_p_value(counts[:, pixel], pmf[:, pixel]) > 1e-6, pixel
 
 
 def test_discretized_logistic_likelihood_splits_loc_and_log_scale():
@@ -211,6 +383,17 @@ def test_continuous_bernoulli_density_integrates_to_one(logit):
     )
     mean = torch.trapezoid(grid[:, 0] * density, grid[:, 0])
     torch.testing.assert_close(p.mean[0, 0], mean, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("logit", [-8.0, -1.0, 0.5, 2.0, 5.0])
+def test_continuous_bernoulli_mean_has_its_closed_form(logit):
+    # E[x] = lambda / (2 lambda - 1) + 1 / (2 atanh(1 - 2 lambda)), lambda = sigmoid(logit)
+    # (Loaiza-Ganem and Cunningham 2019); 0.6565 at logit 2, where lambda = 0.8808.
+    lam = 1 / (1 + math.exp(-logit))
+    expected = lam / (2 * lam - 1) + 1 / (2 * math.atanh(1 - 2 * lam))
+    likelihood = get_likelihood("continuous_bernoulli", 1)
+    mean = likelihood.mean(torch.tensor([[logit]], dtype=torch.float64))
+    assert mean.item() == pytest.approx(expected, rel=1e-9)
 
 
 def test_continuous_bernoulli_mean_is_not_sigmoid_of_logits():

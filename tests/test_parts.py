@@ -4,6 +4,7 @@ import inspect
 import pytest
 import torch
 
+from pyro_vae import VAE
 from pyro_vae.guides import GUIDES, InverseAutoregressiveFlow
 from pyro_vae.likelihoods import LIKELIHOODS, Bernoulli, Normal
 from pyro_vae.priors import PRIORS, MixtureOfGaussians, Prior, StandardNormal, VampPrior
@@ -19,16 +20,63 @@ def test_init_kwargs_are_the_arguments_after_the_size_as_given():
     assert flow.init_kwargs == {"num_flows": 1, "hidden_dims": [8]}
 
 
+#: Each registry with the size its parts take first (latent_dim or data_dim).
+REGISTRIES = {"prior": (PRIORS, 3), "likelihood": (LIKELIHOODS, 16), "guide": (GUIDES, 3)}
+#: A value other than the default for every option of every registered part, so that a part
+#: rebuilt from options that were lost (or never recorded) differs from the original.
+NON_DEFAULT_OPTIONS = {
+    "prior": {
+        "mixture": {"num_components": 3},
+        "student_t": {"df": 5.0},
+        "vamp": {"num_components": 4, "init_range": (0.2, 0.4)},
+    },
+    "likelihood": {
+        "discretized_logistic": {"num_levels": 17},
+        "laplace": {"scale": 0.3},
+        "learned_normal": {"per_pixel": False, "init_scale": 0.3, "min_scale": 0.01},
+        "normal": {"scale": 0.3},
+    },
+    "guide": {"iaf": {"num_flows": 1, "hidden_dims": [8, 9], "context_dim": 5}},
+}
+
+
+def as_module(kind: str, part) -> torch.nn.Module:
+    """The part itself, or for a prior a VAE around it (a VampPrior needs the VAE's encoder)."""
+    return VAE(8, part.latent_dim, (4,), prior=part) if kind == "prior" else part
+
+
+def output_at_fixed_inputs(kind: str, module: torch.nn.Module):
+    torch.manual_seed(1)
+    if kind == "prior":
+        return module.prior().log_prob(torch.randn(5, module.latent_dim))
+    out = torch.randn(5, module.output_dim)
+    if kind == "likelihood":
+        return module(out).log_prob(module(out).sample()), module.mean(out)
+    return module(out).log_prob(torch.randn(5, module.latent_dim))
+
+
 @pytest.mark.parametrize(
-    "registry, size", [(PRIORS, 3), (LIKELIHOODS, 64), (GUIDES, 3)], ids=["prior", "lik", "guide"]
+    "kind, name", [(kind, name) for kind, (reg, _) in REGISTRIES.items() for name in sorted(reg)]
 )
-def test_every_registered_part_is_rebuilt_from_its_init_kwargs(registry, size):
-    for cls in registry.values():
-        part = cls(size)
-        rebuilt = cls(size, **part.init_kwargs)
-        assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
-            k: v.shape for k, v in part.state_dict().items()
-        }
+def test_every_registered_part_is_rebuilt_from_its_init_kwargs(kind, name):
+    registry, size = REGISTRIES[kind]
+    cls = registry[name]
+    options = NON_DEFAULT_OPTIONS[kind].get(name, {})
+    assert set(options) == set(list(inspect.signature(cls).parameters)[1:]), (
+        f"give every option of {kind} {name!r} a non-default value in NON_DEFAULT_OPTIONS"
+    )
+    part = cls(size, **options)
+    assert part.init_kwargs == options
+    rebuilt = cls(size, **part.init_kwargs)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in part.state_dict().items()
+    }
+    original, copy = as_module(kind, part), as_module(kind, rebuilt)
+    copy.load_state_dict(original.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            output_at_fixed_inputs(kind, copy), output_at_fixed_inputs(kind, original)
+        )
 
 
 def test_the_outermost_constructor_records_not_the_base_class_call():

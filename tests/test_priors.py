@@ -7,6 +7,7 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import Adam
+from test_guides import NUM_DRAWS, PARAMETER_SEED, check_density_on_a_grid, perturb_parameters
 
 from pyro_vae import VAE
 from pyro_vae.guides import GUIDES
@@ -54,18 +55,63 @@ def test_prior_event_shape_and_finite_log_prob(name, dtype, device):
     assert torch.isfinite(log_p).all()
 
 
-@pytest.mark.parametrize("name", sorted(PRIORS))
-def test_prior_gradients_reach_its_parameters(name):
-    vae = small_vae(name)
-    params = dict(vae.prior.named_parameters())
-    if not params:  # a fixed prior: nothing to train
-        return
-    p = vae.prior()
-    p.log_prob(p.sample((8,)).detach()).sum().backward()
+#: The learnable parameters of every registered prior, written out from their definitions: a
+#: prior whose parameters went missing (became buffers, say) must fail, not pass as fixed.
+EXPECTED_PARAMETERS = {
+    "learned_normal": {"loc", "raw_scale"},
+    "mixture": {"locs", "raw_scales", "logits"},
+    "normal": set(),
+    "student_t": set(),
+    "vamp": {"pseudo_inputs"},
+}
+
+
+def expected_parameters(name: str) -> set[str]:
+    assert name in EXPECTED_PARAMETERS, f"list the parameters of prior {name!r} in the tests"
+    return EXPECTED_PARAMETERS[name]
+
+
+def assert_nonzero_gradients(params: dict[str, torch.Tensor]) -> None:
     for param_name, param in params.items():
         assert param.grad is not None, param_name
         assert torch.isfinite(param.grad).all(), param_name
         assert param.grad.abs().sum() > 0, param_name
+
+
+@pytest.mark.parametrize("name", sorted(PRIORS))
+def test_prior_gradients_reach_its_parameters(name):
+    vae = small_vae(name)
+    params = dict(vae.prior.named_parameters())
+    assert set(params) == expected_parameters(name)
+    p = vae.prior()
+    log_p = p.log_prob(p.sample((8,)).detach()).sum()
+    assert log_p.requires_grad == bool(params)  # a fixed prior's density depends on nothing
+    if params:
+        log_p.backward()
+        assert_nonzero_gradients(params)
+        vae.zero_grad()
+    elbo = Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1)
+    elbo.differentiable_loss(vae.model, vae.guide, binary_data(6)).backward()
+    assert_nonzero_gradients(params)
+
+
+@pytest.mark.parametrize("name", sorted(PRIORS))
+def test_training_moves_every_prior_parameter(name):
+    vae = small_vae(name)
+    elbo = Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1)
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-2}), elbo)
+    x = binary_data(6)
+    z = torch.randn(5, LATENT_DIM)
+    with torch.no_grad():
+        log_p_before = vae.prior().log_prob(z)
+    changed = changed_parameters(vae, lambda: [svi.step(x) for _ in range(3)])
+    assert {n.removeprefix("prior.") for n in changed if n.startswith("prior.")} == (
+        expected_parameters(name)
+    )
+    with torch.no_grad():
+        moved = not torch.equal(vae.prior().log_prob(z), log_p_before)
+    # A prior is learned exactly when it has parameters (the VampPrior also through its encoder).
+    assert moved == bool(expected_parameters(name))
 
 
 @pytest.mark.parametrize("name", sorted(PRIORS))
@@ -109,6 +155,33 @@ def test_svi_step_every_prior_with_every_guide(prior, guide, elbo):
     changed = changed_parameters(vae, lambda: losses.append(svi.step(x)))
     assert torch.isfinite(torch.tensor(losses[0]))
     assert changed == {n for n, _ in vae.named_parameters()}
+
+
+#: Options of the 2-D grid tests: the Student-t needs df > 4 for the covariance of its draws to
+#: have a finite standard error (a finite fourth moment).
+GRID_OPTIONS = {**SMALL_OPTIONS, "student_t": {"df": 6.0}}
+
+
+@pytest.mark.parametrize(
+    "prior, guide, dtype",
+    [(prior, "diagonal", dtype) for prior in sorted(PRIORS) for dtype in ("float64", "float32")]
+    # The VampPrior with each guide family as its components (float64 only: a flow's density at
+    # 40,000 grid points costs a MADE pass per latent dimension and component).
+    + [("vamp", guide, "float64") for guide in sorted(GUIDES) if guide != "diagonal"],
+)
+def test_prior_density_integrates_to_one_on_a_grid_and_has_the_moments_of_its_samples(
+    prior, guide, dtype
+):
+    with torch.random.fork_rng():  # fixed parameters; only the draws follow the test's seed
+        torch.manual_seed(PARAMETER_SEED)
+        options = GRID_OPTIONS.get(prior)
+        vae = VAE(DATA_DIM, 2, (16,), prior=prior, guide=guide, prior_kwargs=options)
+        vae.to(getattr(torch, dtype))
+        # Learned priors away from their initial values; for the VampPrior its encoder and flows.
+        perturb_parameters(vae, shift=1.0)
+    with torch.no_grad():
+        p = vae.prior()
+        check_density_on_a_grid(p.log_prob, p.sample((NUM_DRAWS,)))
 
 
 def test_mixture_log_prob_is_logsumexp_of_components():
@@ -276,8 +349,15 @@ def test_prior_bad_option_errors(name, kwargs, message):
 @pytest.mark.parametrize("name", sorted(PRIORS))
 def test_prior_survives_a_state_dict_round_trip(name):
     saved = small_vae(name)
+    # Move the saved prior's whole state, parameters and buffers, away from what a fresh build
+    # holds (positive entries stay positive), so that a state not saved or not loaded shows.
+    with torch.no_grad():
+        for value in saved.prior.state_dict().values():
+            value.mul_(1 + torch.rand_like(value)).add_(torch.rand_like(value))
     pyro.set_rng_seed(1)
     loaded = small_vae(name)
-    loaded.load_state_dict(saved.state_dict())
     z = torch.randn(4, LATENT_DIM)
+    with torch.no_grad():
+        assert not torch.allclose(loaded.prior().log_prob(z), saved.prior().log_prob(z))
+    loaded.load_state_dict(saved.state_dict())
     torch.testing.assert_close(loaded.prior().log_prob(z), saved.prior().log_prob(z))

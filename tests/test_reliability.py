@@ -6,20 +6,26 @@ SIGINT or SIGKILL; they share one run folder so that few processes (each ~3-5 s 
 are started.
 """
 
+import functools
+import gzip
+import hashlib
+import http.server
 import json
 import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from pyro_vae import VAE, Config, Dataset, evaluate_elbo, fit, load_run
+from pyro_vae import VAE, Config, Dataset, evaluate_elbo, fit, load_dataset, load_run
 from pyro_vae import cli as cli_module
 from pyro_vae import train as train_module
 from pyro_vae.cli import main
@@ -45,18 +51,28 @@ def without_seconds(rows):
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
-def one_line_error(capsys, code, expected_code=1) -> str:
-    """Check that a CLI call failed with one line on stderr and no traceback; return it."""
+#: How the one line starts, by exit code (README, Guarantees): usage errors name the command.
+ERROR_PREFIXES = {
+    1: "pyro-vae: error: ",
+    2: "pyro-vae {command}: error: ",
+    130: "pyro-vae: interrupted",
+}
+
+
+def one_line_error(capsys, code, expected_code=1, command="train") -> str:
+    """Check that a CLI call failed with one line on stderr, with the documented prefix and no
+    traceback; return it. ``command`` is the subcommand a usage error (exit code 2) names."""
     err = capsys.readouterr().err
     assert code == expected_code, err
     assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(ERROR_PREFIXES[expected_code].format(command=command)), err
     return err
 
 
 def usage_error(capsys, argv) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
-    return one_line_error(capsys, exit_info.value.code, expected_code=2)
+    return one_line_error(capsys, exit_info.value.code, expected_code=2, command=argv[0])
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +113,9 @@ def test_unknown_part_name_is_a_usage_error_listing_the_choices(flag, capsys):
     assert "invalid choice: 'nope'" in err and "choose from" in err
 
 
-@pytest.mark.parametrize("command", [["train"], ["sample", "RUN"]])
+@pytest.mark.parametrize(
+    "command", [["train"], ["sample", "RUN"], ["evaluate", "RUN"], ["compare", "RUN"]]
+)
 def test_unknown_device_is_a_usage_error(command, capsys):
     err = usage_error(capsys, [*command, "--device", "gpu"])
     assert "unknown device 'gpu'; choose auto, cpu, cuda or cuda:N" in err
@@ -110,17 +128,32 @@ def test_unknown_device_is_a_usage_error(command, capsys):
         (["train", "--hidden-dims", "16", "0"], "--hidden-dims", "0"),
         (["train", "--epochs", "0"], "--epochs", "0"),
         (["train", "--batch-size", "1.5"], "--batch-size", "1.5"),
+        (["train", "--batch-size", "0"], "--batch-size", "0"),
         (["train", "--num-particles", "0"], "--num-particles", "0"),
+        (["train", "--num-particles", "nan"], "--num-particles", "nan"),
+        (["train", "--prior-components", "0"], "--prior-components", "0"),
         (["train", "--lr", "inf"], "--lr", "inf"),
         (["train", "--lr", "-0.1"], "--lr", "-0.1"),
         (["train", "--clip-norm", "0"], "--clip-norm", "0"),
+        (["train", "--clip-norm=-inf"], "--clip-norm", "-inf"),
         (["train", "--beta", "nan"], "--beta", "nan"),
+        (["train", "--beta", "0"], "--beta", "0"),
+        (["train", "--beta", "-1"], "--beta", "-1"),
         (["train", "--warmup-epochs", "-1"], "--warmup-epochs", "-1"),
         (["train", "--seed", "-1"], "--seed", "-1"),
         (["train", "--seed", "4294967296"], "--seed", "4294967296"),
         (["sample", "RUN", "--seed", "-1"], "--seed", "-1"),
         (["sample", "RUN", "--num", "0"], "--num", "0"),
         (["sample", "RUN", "--cols", "-2"], "--cols", "-2"),
+        (["evaluate", "RUN", "--num-samples", "0"], "--num-samples", "0"),
+        (["evaluate", "RUN", "--num-samples", "-5"], "--num-samples", "-5"),
+        (["evaluate", "RUN", "--limit", "0"], "--limit", "0"),
+        (["evaluate", "RUN", "--seed", "-1"], "--seed", "-1"),
+        (["compare", "RUN", "--draws", "0"], "--draws", "0"),
+        (["compare", "RUN", "--num-points", "-1"], "--num-points", "-1"),
+        (["compare", "RUN", "--batch-size", "0"], "--batch-size", "0"),
+        (["compare", "RUN", "--train-epochs", "-1"], "--train-epochs", "-1"),
+        (["compare", "RUN", "--seed", "nan"], "--seed", "nan"),
     ],
 )
 def test_non_positive_or_non_finite_numbers_are_usage_errors(args, flag, value, capsys):
@@ -155,11 +188,33 @@ def test_config_names_the_bad_value_and_what_is_allowed(field, value, match):
         Config(**{"data_dim": 64, field: value})
 
 
-def test_debug_shows_the_traceback_instead_of_the_one_line_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run folder .* does not exist"):
-        main(["--debug", "train", "--resume", str(tmp_path / "missing")])
-    with pytest.raises(cli_module.UsageError, match="only --epochs, --device and --data-dir"):
-        main(["--debug", "train", "--resume", str(tmp_path), "--lr", "0.1"])
+#: Per command: a call failing on a missing run folder, and one failing with a usage error.
+FAILING_CALLS = {
+    "train": (["train", "--resume", "MISSING"], ["train", "--resume", "RUN", "--lr", "0.1"]),
+    "sample": (["sample", "MISSING"], None),
+    "evaluate": (["evaluate", "MISSING", "--num-samples", "2"], None),
+    "compare": (["compare", "MISSING", "--draws", "2"], ["compare", "MISSING", "--draws", "1"]),
+}
+USAGE_MATCHES = {"train": "only --epochs, --device and --data-dir", "compare": "--draws must be"}
+
+
+@pytest.mark.parametrize("command", sorted(FAILING_CALLS))
+def test_debug_shows_the_traceback_instead_of_the_one_line_error(command, tmp_path, capsys):
+    names = {"MISSING": str(tmp_path / "missing"), "RUN": str(tmp_path)}
+    missing_run, usage = (
+        [names.get(a, a) for a in argv] if argv else None for argv in FAILING_CALLS[command]
+    )
+    err = one_line_error(capsys, main(missing_run))
+    assert re.search("run folder .* does not exist", err), err
+    # --debug before or after the subcommand (the subparser must not reset one given before).
+    for argv in (["--debug", *missing_run], [*missing_run, "--debug"]):
+        with pytest.raises(FileNotFoundError, match="run folder .* does not exist"):
+            main(argv)
+    if usage is not None:
+        one_line_error(capsys, main(usage), expected_code=2, command=command)
+        for argv in (["--debug", *usage], [*usage, "--debug"]):
+            with pytest.raises(cli_module.UsageError, match=USAGE_MATCHES[command]):
+                main(argv)
 
 
 def test_batch_size_larger_than_the_data_is_refused_before_a_run_folder_is_made(
@@ -178,22 +233,33 @@ def with_data(digits, **changes) -> Dataset:
     return Dataset("digits", **{**fields, **changes}, image_shape=(8, 8), binarize="dynamic")
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_data_with_nan_or_inf_is_refused(digits, bad, tmp_path):
-    x = digits.train_x.clone()
+@pytest.mark.parametrize("split", ["train_x", "test_x"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_data_with_nan_or_inf_is_refused(digits, bad, split, tmp_path):
+    x = getattr(digits, split).clone()
     x[5, 3] = bad
-    with pytest.raises(ValueError, match=r"dataset.train_x has 1 non-finite values .*rows \[5\]"):
-        fit(tiny_vae(), with_data(digits, train_x=x), tiny_config(epochs=1), run_dir=tmp_path)
-    assert list(tmp_path.iterdir()) == []
+    x[7, 0] = bad
+    run_dir = tmp_path / "run"
+    match = rf"dataset.{split} has 2 non-finite values .*in 2 rows, first rows \[5, 7\]"
+    with pytest.raises(ValueError, match=match):
+        fit(tiny_vae(), with_data(digits, **{split: x}), tiny_config(epochs=1), run_dir=run_dir)
+    assert list(tmp_path.iterdir()) == []  # "before anything is written": not even the folder
 
 
-def test_data_outside_the_likelihood_support_is_refused(digits):
+def test_data_outside_the_likelihood_support_is_refused(digits, tmp_path):
+    run_dir = tmp_path / "run"
     with pytest.raises(ValueError, match=r"training data in \[0, 1\].*lies in \[0, 16\]"):
-        fit(tiny_vae(), with_data(digits, train_x=digits.train_x * 16), tiny_config(epochs=1))
+        fit(
+            tiny_vae(),
+            with_data(digits, train_x=digits.train_x * 16),
+            tiny_config(epochs=1),
+            run_dir=run_dir,
+        )
     test_x = digits.test_x.clone()
     test_x[0, 0] = 0.5
     with pytest.raises(ValueError, match=r"'bernoulli' needs data in \{0, 1\}.*e\.g\. 0\.5"):
-        fit(tiny_vae(), with_data(digits, test_x=test_x), tiny_config(epochs=1))
+        fit(tiny_vae(), with_data(digits, test_x=test_x), tiny_config(epochs=1), run_dir=run_dir)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -603,6 +669,103 @@ def test_hostile_config_json_cannot_make_the_tool_write_outside_the_run_folder(
     assert not elsewhere.exists()
 
 
+#: MNIST's idx files: (magic number, number of items), from the format's description.
+MNIST_IDX = {
+    "train-images-idx3-ubyte": (2051, 60000),
+    "train-labels-idx1-ubyte": (2049, 60000),
+    "t10k-images-idx3-ubyte": (2051, 10000),
+    "t10k-labels-idx1-ubyte": (2049, 10000),
+}
+
+
+def blank_idx_file(magic: int, num: int) -> bytes:
+    """An intact idx file of ``num`` all-zero 28x28 images (magic 2051) or labels (2049)."""
+    if magic == 2051:
+        return struct.pack(">IIII", magic, num, 28, 28) + bytes(num * 28 * 28)
+    return struct.pack(">II", magic, num) + bytes(num)
+
+
+@pytest.fixture(scope="module")
+def mnist_mirror(tmp_path_factory):
+    """A local HTTP mirror serving MNIST-shaped files (blank images, so no real data is needed),
+    with the md5 list torchvision checks, and the list of paths requested from it.
+
+    As in test_data.py: HTTP, because torchvision's downloader needs ``response.length``. The
+    mirror is checked once by downloading from it into a folder named as ``data_dir``.
+    """
+    import torchvision.datasets
+
+    mirror_dir = tmp_path_factory.mktemp("mirror")
+    resources = []
+    for name, (magic, num) in MNIST_IDX.items():
+        archive = mirror_dir / f"{name}.gz"
+        archive.write_bytes(gzip.compress(blank_idx_file(magic, num), compresslevel=1, mtime=0))
+        resources.append((archive.name, hashlib.md5(archive.read_bytes()).hexdigest()))
+    requested = []
+
+    class CountingHandler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            requested.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    class QuietServer(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            pass  # torchvision drops its first connection to each file, to follow redirects
+
+    handler = functools.partial(CountingHandler, directory=str(mirror_dir))
+    server = QuietServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torchvision.datasets.MNIST, "mirrors", [url])
+        patch.setattr(torchvision.datasets.MNIST, "resources", resources)
+        control = load_dataset("mnist", tmp_path_factory.mktemp("downloaded"))
+    assert control.train_x.shape == (60000, 784) and control.test_x.shape == (10000, 784)
+    assert set(requested) == {f"/{name}" for name, _ in resources}
+    yield url, resources, requested
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+#: The three commands that load the data set a run's config names.
+READ_RUN_DATA_ARGV = {
+    "train --resume": ["train", "--resume", "RUN", "--epochs", "3"],
+    "evaluate": ["evaluate", "RUN", "--num-samples", "2", "--limit", "2"],
+    "compare": ["compare", "RUN", "--draws", "2", "--num-points", "2", "--train-epochs", "0"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(READ_RUN_DATA_ARGV))
+def test_a_data_dir_read_from_a_config_is_never_downloaded_into(
+    command, mnist_mirror, run_copy, tmp_path, monkeypatch, capsys
+):
+    import torchvision.datasets
+
+    url, resources, requested = mnist_mirror
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [url])
+    monkeypatch.setattr(torchvision.datasets.MNIST, "resources", resources)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    # The run now names MNIST in an existing, empty folder, in config.json and the checkpoint.
+    changes = {"dataset": "mnist", "data_dir": str(data_dir)}
+    edit_config(run_copy, changes)
+    state = torch.load(run_copy / "checkpoint.pt", weights_only=True)
+    state["config"].update(changes)
+    torch.save(state, run_copy / "checkpoint.pt")
+    served = len(requested)
+    argv = [str(run_copy) if a == "RUN" else a for a in READ_RUN_DATA_ARGV[command]]
+    err = one_line_error(capsys, main(argv))
+    assert "downloading is off" in err and str(data_dir / "MNIST" / "raw") in err, err
+    assert "--data-dir" in err, err
+    assert list(data_dir.iterdir()) == []
+    assert len(requested) == served, requested[served:]
+
+
 def test_training_writes_only_inside_the_run_folder(digits, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     elsewhere = tmp_path / "data"
@@ -624,3 +787,55 @@ def test_package_never_evaluates_or_unpickles_untrusted_text():
     loads = re.findall(r"torch\.load\([^)]*\)", source)
     assert loads and all("weights_only=True" in call for call in loads), loads
     assert "pickle" not in (REPO / "pyro_vae" / "config.py").read_text()
+
+
+# -- 5. the promises themselves ------------------------------------------------------------
+
+#: Where the Guarantees are written, and the heading of their section.
+GUARANTEES_DOC = REPO / "README.md"
+GUARANTEES_HEADING = "## Guarantees"
+
+
+def guarantees_section() -> str:
+    """The Guarantees section: from its heading to the next heading of the same level."""
+    text = GUARANTEES_DOC.read_text()
+    start = text.index(GUARANTEES_HEADING + "\n")
+    end = text.find("\n## ", start + len(GUARANTEES_HEADING))
+    return text[start : end if end != -1 else len(text)]
+
+
+@functools.cache
+def defined_tests(path: Path) -> set[str]:
+    """The test functions pytest collects from a file: module-level ``test*`` functions and
+    ``test*`` methods of ``Test*`` classes (pytest's default ``python_functions`` and
+    ``python_classes``; setup.cfg sets neither)."""
+    import ast
+
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("test"):
+            names.add(node.name)
+        elif isinstance(node, ast.ClassDef) and node.name.startswith("Test"):
+            names |= {
+                f"{node.name}::{item.name}"
+                for item in node.body
+                if isinstance(item, ast.FunctionDef) and item.name.startswith("test")
+            }
+    return names
+
+
+def test_every_guarantee_names_tests_that_exist():
+    section = guarantees_section()
+    # Each promise is a top-level bullet; its text runs until the next bullet or heading.
+    promises = re.split(r"\n(?=- |#)", section)
+    promises = [p for p in promises if p.startswith("- ")]
+    assert len(promises) >= 20, f"only {len(promises)} promises found in {GUARANTEES_DOC}"
+    named = re.compile(r"`(tests/test_\w+\.py)::(\w+(?:::\w+)?)`")
+    for promise in promises:
+        assert named.search(promise), f"this guarantee names no test: {promise[:200]}"
+    missing = sorted(
+        f"{path}::{name}"
+        for path, name in named.findall(section)
+        if not (REPO / path).is_file() or name not in defined_tests(REPO / path)
+    )
+    assert missing == [], f"{GUARANTEES_DOC.name} names tests that do not exist: {missing}"

@@ -45,6 +45,30 @@ def test_checkpoint_loads_with_weights_only(trained_run):
     assert {"model", "optimizer", "config", "epoch", "step", "rng"} <= set(state)
 
 
+def test_a_cpu_checkpoint_holds_the_torch_rng_and_no_cuda_rng(tmp_path):
+    vae = VAE(64, latent_dim=2, hidden_dims=(8,))
+    config = Config(latent_dim=2, hidden_dims=[8], data_dim=64)
+    torch.manual_seed(11)
+    expected = torch.get_rng_state()
+    save_checkpoint(tmp_path, vae, torch.optim.Adam(vae.parameters()), config, 4, 40)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    # A CPU run records (and so never initialises) no CUDA generator.
+    assert state["rng"]["cuda"] == []
+    assert torch.equal(state["rng"]["torch"], expected)
+    assert (state["epoch"], state["step"]) == (4, 40)
+
+
+def test_fit_refuses_a_model_its_config_cannot_rebuild_before_writing(digits, tmp_path):
+    vae = VAE(64, latent_dim=2, hidden_dims=(8,))
+    # A parameter no config field describes: load_run could not rebuild this model.
+    vae.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))
+    run_dir = tmp_path / "run"
+    match = r"the config describes another model than the VAE being trained .*differ at 'extra'"
+    with pytest.raises(ValueError, match=match):
+        fit(vae, digits, Config(latent_dim=2, hidden_dims=[8], epochs=1), run_dir=run_dir)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_config_json_rebuilds_the_same_model(trained_run, digits):
     run_dir, vae = trained_run
     config = load_config(run_dir)

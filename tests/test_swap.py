@@ -144,7 +144,7 @@ def test_options_that_are_not_json_are_recorded_by_class_path():
     assert describe_part(VampPrior(2, num_components=3), PRIORS) == ("vamp", {"num_components": 3})
 
 
-def test_user_registered_prior_by_cli_config_and_load_run(monkeypatch, tmp_path, capsys):
+def test_user_registered_prior_by_cli_config_and_load_run(digits, monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(PRIORS, "laplace", LaplacePrior)  # before main builds its parser
     out = tmp_path / "run"
     args = ["train", *TINY, "--prior", "laplace", "--prior-option", "scale=0.5", "--out", str(out)]
@@ -163,7 +163,9 @@ def test_user_registered_prior_by_cli_config_and_load_run(monkeypatch, tmp_path,
     monkeypatch.delitem(PRIORS, "laplace")
     with pytest.raises(ValueError, match=r"prior 'laplace' is not in pyro_vae.priors.PRIORS.*"):
         load_run(out)
-    assert load_run(out, vae=VAE(64, 2, (8,), prior=LaplacePrior(2, scale=0.5))).vae is not None
+    loaded = load_run(out, vae=VAE(64, 2, (8,), prior=LaplacePrior(2, scale=0.5)))
+    x = digits.test_x[:5]
+    assert torch.equal(loaded.vae.reconstruct(x), run.vae.reconstruct(x))  # the trained weights
 
 
 def test_custom_model_trains_evaluates_plots_and_reloads(digits, tmp_path):

@@ -1,12 +1,14 @@
 import pyro
 import pytest
 import torch
+import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import torch_item
 from pyro.poutine.util import site_is_subsample
+from torch import nn
 
-from pyro_vae import VAE
+from pyro_vae import GUIDES, VAE
 from pyro_vae.vae import point_estimate
 
 
@@ -55,6 +57,33 @@ def test_model_and_guide_are_consistent_under_validation():
     assert torch.isfinite(vectorized.differentiable_loss(vae.model, vae.guide, x))
 
 
+def test_loss_of_a_decoder_with_zero_weights_is_the_closed_form():
+    vae = small_vae()
+    x = binary_data(7)
+    with torch.no_grad():
+        for layer in vae.decoder:
+            if isinstance(layer, nn.Linear):
+                layer.weight.zero_()
+        vae.decoder[-1].bias.normal_()
+    # p(x|z) is then Bernoulli(sigmoid(bias)) whatever z, and q(z|x) is a diagonal Gaussian
+    # against the standard normal prior.
+    logits = vae.decoder[-1].bias
+    log_px = (x * F.logsigmoid(logits) + (1 - x) * F.logsigmoid(-logits)).sum()
+    q = vae.encode(x).base_dist
+    kl = 0.5 * (q.scale.pow(2) + q.loc.pow(2) - 1 - 2 * q.scale.log()).sum()
+    with torch.no_grad():
+        meanfield = TraceMeanField_ELBO().differentiable_loss(vae.model, vae.guide, x)
+        assert meanfield.item() == pytest.approx((kl - log_px).item(), rel=1e-5)
+        # The Monte Carlo ELBO samples the KL: log q(z|x) - log p(z), summed over the batch.
+        num_particles = 4000
+        z = q.sample((num_particles,))
+        log_ratio = (q.log_prob(z) - torch.distributions.Normal(0.0, 1.0).log_prob(z)).sum((1, 2))
+        stderr = log_ratio.std().item() / num_particles**0.5
+        trace = Trace_ELBO(num_particles, vectorize_particles=True, max_plate_nesting=1)
+        value = trace.differentiable_loss(vae.model, vae.guide, x).item()
+    assert value == pytest.approx((kl - log_px).item(), abs=4.5 * 2**0.5 * stderr)
+
+
 def test_guide_scale_is_strictly_positive_for_extreme_encoder_outputs():
     vae = small_vae()
     with torch.no_grad():
@@ -94,6 +123,25 @@ def test_reconstruct_and_sample_shapes_and_range():
     for images in (recon, samples):
         assert ((images >= 0) & (images <= 1)).all()
         assert not images.requires_grad
+
+
+@pytest.mark.parametrize("guide", sorted(GUIDES))
+def test_reconstruct_is_the_mean_of_p_x_given_the_code_of_x(guide):
+    vae = small_vae(guide=guide)
+    x = binary_data(6)
+    q = vae.encode(x)
+    try:
+        z = q.mean  # the Gaussian guides
+    except NotImplementedError:  # flows: one draw from q(z|x), the one reconstruct takes
+        pyro.set_rng_seed(3)
+        z = q.sample()
+    expected = vae.decode(z).mean
+    pyro.set_rng_seed(3)
+    recon = vae.reconstruct(x)
+    assert torch.allclose(recon, expected, atol=1e-6)
+    # Against a reconstruction that ignores x, this untrained model's images differ by more.
+    pyro.set_rng_seed(3)
+    assert (recon - vae.reconstruct(torch.zeros_like(x))).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize(
