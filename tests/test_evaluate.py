@@ -1,13 +1,17 @@
+import dataclasses
 import json
 import math
+import platform
 
 import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_vae import active_units, evaluate_run, load_run
+from pyro_vae import Evaluation, active_units, evaluate_run, evaluate_vae, load_run
 from pyro_vae.cli import main
-from pyro_vae.evaluate import EVALUATION_FILE, select_split
+from pyro_vae.data import select_split
+from pyro_vae.evaluate import RUN_FIELDS, fix_malloc_threshold
+from pyro_vae.report import EVALUATION_FILE
 
 
 @pytest.fixture(scope="module")
@@ -21,46 +25,89 @@ def result(run_dir):
 
 
 def test_evaluate_run_reports_every_quantity(result):
+    data = result.as_dict()
     for key in ("elbo", "reconstruction", "kl", "log_likelihood", "bits_per_dim"):
-        assert key in result
-    assert {"active_units", "seconds", "peak_memory_mb", "analytic_kl_available"} <= set(result)
-    assert result["dataset"] == "digits" and result["split"] == "test"
-    assert result["binarize"] == "dynamic" and result["num_datapoints"] == 300
-    assert [row["k"] for row in result["log_likelihood"]] == [1, 10, 100]
-    assert result["analytic_kl_available"] and result["note"] is None
-    assert result["elbo"]["analytic_kl"]["analytic_sites"] == ["z"]
-    assert result["elbo"]["monte_carlo"]["sampled_sites"] == ["z"]
-    assert result["log_likelihood"][0]["mc_stderr"] is None  # undefined for K = 1
-    assert result["seconds"]["total"] > 0 and 0 < result["peak_memory_mb"] < 4096
-    json.dumps(result, allow_nan=False)
+        assert key in data
+    assert {"active_units", "seconds", "peak_memory_mb", "analytic_kl_available"} <= set(data)
+    assert result.dataset == "digits" and result.split == "test"
+    assert result.binarize == "dynamic" and result.num_datapoints == 300
+    assert [row["k"] for row in result.log_likelihood] == [1, 10, 100]
+    assert result.analytic_kl_available and result.note is None
+    assert result.elbo["analytic_kl"]["analytic_sites"] == ["z"]
+    assert result.elbo["monte_carlo"]["sampled_sites"] == ["z"]
+    assert result.log_likelihood[0]["mc_stderr"] is None  # undefined for K = 1
+    assert result.seconds["total"] > 0 and 0 < result.peak_memory_mb < 4096
+    json.dumps(data, allow_nan=False)
+
+
+def test_evaluation_as_dict_is_evaluation_json_in_its_order(result):
+    data = result.as_dict()
+    assert list(data) == [
+        *RUN_FIELDS,
+        "num_datapoints",
+        "data_dim",
+        "seed",
+        "num_samples",
+        "elbo",
+        "analytic_kl_available",
+        "reconstruction",
+        "kl",
+        "log_likelihood",
+        "bits_per_dim",
+        "bits_per_dim_k",
+        "active_units",
+        "note",
+        "seconds",
+        "peak_memory_mb",
+    ]
+    assert data["model"] == {
+        "dataset": "digits",
+        "prior": "normal",
+        "likelihood": "bernoulli",
+        "guide": "diagonal",
+        "latent_dim": 2,
+        "hidden_dims": [16],
+        "trained_with_elbo": "trace",
+        "epochs": 2,
+    }
+    assert Evaluation(**{**data, "model": dict(data["model"])}) == result
+
+
+def test_evaluate_vae_has_no_run_fields(run_dir, digits):
+    vae = load_run(run_dir).vae
+    result = evaluate_vae(vae, digits.test_x[:20], num_samples=5, ks=(1,))
+    assert isinstance(result, Evaluation) and result.run_dir is None
+    data = result.as_dict()
+    assert not set(RUN_FIELDS) & set(data) and list(data)[0] == "num_datapoints"
+    assert [row["k"] for row in result.log_likelihood] == [1, 5]
 
 
 def test_log_likelihood_increases_with_num_samples(result):
-    means = [row["mean"] for row in result["log_likelihood"]]
+    means = [row["mean"] for row in result.log_likelihood]
     assert means[-1] > means[0]
-    for lower, higher in zip(result["log_likelihood"], result["log_likelihood"][1:]):
+    for lower, higher in zip(result.log_likelihood, result.log_likelihood[1:]):
         assert higher["mean"] >= lower["mean"] - 3 * (lower["mc_stderr"] or 0)
     # The ELBO is a lower bound of the IWAE bound for any K > 1.
-    assert result["elbo"]["analytic_kl"]["mean"] < means[-1]
+    assert result.elbo["analytic_kl"]["mean"] < means[-1]
 
 
 def test_elbo_estimators_agree_within_standard_errors(result):
-    mc, an = result["elbo"]["monte_carlo"], result["elbo"]["analytic_kl"]
+    mc, an = result.elbo["monte_carlo"], result.elbo["analytic_kl"]
     assert abs(mc["mean"] - an["mean"]) < 4 * math.hypot(mc["stderr"], an["stderr"])
-    difference = result["elbo"]["difference"]
+    difference = result.elbo["difference"]
     assert abs(difference["mean"]) < 4 * difference["stderr"]
-    assert result["reconstruction"] - result["kl"] == pytest.approx(an["mean"], abs=1e-4)
-    assert result["kl"] > 0
+    assert result.reconstruction - result.kl == pytest.approx(an["mean"], abs=1e-4)
+    assert result.kl > 0
 
 
 def test_bits_per_dim_is_minus_log_likelihood_over_dims_ln2(result):
-    best = result["log_likelihood"][-1]
-    assert result["bits_per_dim_k"] == best["k"] == 100
-    assert result["bits_per_dim"] == -best["mean"] / (64 * math.log(2))
+    best = result.log_likelihood[-1]
+    assert result.bits_per_dim_k == best["k"] == 100
+    assert result.bits_per_dim == -best["mean"] / (64 * math.log(2))
 
 
 def test_active_units_count_matches_variances(result):
-    active = result["active_units"]
+    active = result.active_units
     assert len(active["variances"]) == 2 and 0 <= active["count"] <= 2
     assert active["count"] == sum(v > active["threshold"] for v in active["variances"])
     assert active["posterior_mean"] == "closed form"
@@ -100,32 +147,33 @@ def test_evaluation_repeats_with_seed_and_restores_the_rng(run_dir):
     first = evaluate_run(run_dir, num_samples=10, limit=20, seed=3)
     assert torch.equal(torch.get_rng_state(), state)
     second = evaluate_run(run_dir, num_samples=10, limit=20, seed=3)
-    assert first["log_likelihood"] == second["log_likelihood"]
-    assert first["elbo"] == second["elbo"] and first["num_datapoints"] == 20
-
-
-def test_train_split_is_binarized_with_a_fixed_seed(digits):
-    state = torch.get_rng_state()
-    x = select_split(digits, "train")
-    assert torch.equal(x, select_split(digits, "train"))
-    assert torch.equal(torch.get_rng_state(), state)
-    assert set(x.unique().tolist()) == {0.0, 1.0} and x.shape == digits.train_x.shape
-    assert select_split(digits, "test") is digits.test_x
+    assert first.log_likelihood == second.log_likelihood
+    assert first.elbo == second.elbo and first.num_datapoints == 20
 
 
 def test_evaluate_train_split_and_tensor_input(run_dir, digits):
     result = evaluate_run(run_dir, split="train", num_samples=5, limit=50)
-    assert result["split"] == "train" and result["num_datapoints"] == 50
+    assert result.split == "train" and result.num_datapoints == 50
     x = select_split(digits, "train")[:50]
-    assert evaluate_run(run_dir, x, num_samples=5)["log_likelihood"] == result["log_likelihood"]
+    assert evaluate_run(run_dir, x, num_samples=5).log_likelihood == result.log_likelihood
 
 
 def test_no_analytic_kl_is_said_plainly(tmp_path, train_tiny_run):
     run_dir = train_tiny_run(tmp_path / "mixture", prior="mixture")
-    result = evaluate_run(load_run(run_dir), num_samples=5, limit=30)
-    assert not result["analytic_kl_available"]
-    assert result["elbo"]["analytic_kl"]["analytic_sites"] == []
-    assert "no analytic KL" in result["note"] and "'z'" in result["note"]
+    run = load_run(run_dir)
+    result = evaluate_run(run, num_samples=5, limit=30)
+    assert not result.analytic_kl_available
+    assert result.elbo["analytic_kl"]["analytic_sites"] == []
+    assert "no analytic KL" in result.note and "'z'" in result.note
+    assert "MixtureOfGaussians" in result.note
+
+
+def test_evaluate_run_leaves_the_callers_run_config_alone(run_dir):
+    run = load_run(run_dir)
+    run = dataclasses.replace(run, config=dataclasses.replace(run.config, binarize=None))
+    result = evaluate_run(run, num_samples=2, limit=5)
+    assert result.binarize == "dynamic"  # resolved from the Bernoulli likelihood
+    assert run.config.binarize is None
 
 
 def test_bad_arguments_errors(run_dir):
@@ -172,3 +220,18 @@ def test_cli_evaluate_bad_values_exit_2_with_one_line(run_dir, capsys, flags, me
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_data_folder_named_in_the_run_must_exist(run_dir, tmp_path):
+    run = load_run(run_dir)
+    moved = dataclasses.replace(run.config, data_dir=str(tmp_path / "gone"))
+    with pytest.raises(FileNotFoundError, match="the data folder .*gone.* does not exist here"):
+        evaluate_run(dataclasses.replace(run, config=moved), num_samples=2, limit=5)
+    result = evaluate_run(
+        dataclasses.replace(run, config=moved), num_samples=2, limit=5, data_dir=tmp_path
+    )
+    assert result.num_datapoints == 5 and not (tmp_path / "gone").exists()
+
+
+def test_malloc_threshold_is_fixed_on_glibc():
+    assert fix_malloc_threshold() == (platform.libc_ver()[0] == "glibc")
