@@ -20,7 +20,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from pyro_vae.priors import DiagonalNormalMixture
+from pyro_vae.distributions import DiagonalNormalMixture
 
 RESULTS = Path(__file__).parent / "results"
 

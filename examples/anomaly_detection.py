@@ -8,7 +8,7 @@ chance, 1 is perfect). The per-class mean log p(x) shows which unseen digits loo
 
 Run::
 
-    python examples/anomaly_detection.py  # under a minute on 2 CPU cores
+    python examples/anomaly_detection.py
     python examples/anomaly_detection.py --normal-classes 1 7 --epochs 100
 """
 

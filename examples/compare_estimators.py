@@ -10,7 +10,7 @@ while their spreads differ, then compares the spread of their gradients on one m
 
 Run::
 
-    python examples/compare_estimators.py  # under a minute on 2 CPU cores
+    python examples/compare_estimators.py
     python examples/compare_estimators.py --num-draws 1000 --epochs 100
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pyro_vae import VAE, Config, fit, load_dataset
 from pyro_vae.compare import compare_elbo_variance, compare_gradient_variance
-from pyro_vae.evaluate import select_split
+from pyro_vae.data import select_split
 from pyro_vae.plots import plot_histogram
 
 

@@ -10,7 +10,7 @@ Monte Carlo ELBO, as there is no closed-form KL from a Gaussian to a Laplace),
 
 Run::
 
-    python examples/custom_model.py  # under a minute on 2 CPU cores
+    python examples/custom_model.py
     python examples/custom_model.py --epochs 60 --out custom_figures
 """
 

@@ -7,7 +7,7 @@ standard error shrinks. The figure plots the mean over the test set against K.
 
 Run::
 
-    python examples/estimate_log_likelihood.py  # under a minute on 2 CPU cores
+    python examples/estimate_log_likelihood.py
     python examples/estimate_log_likelihood.py --ks 1 10 100 1000 5000 --epochs 100
 """
 

@@ -8,7 +8,7 @@ larger latent space is shown through its codes (posterior means) projected to 2-
 
 Run::
 
-    python examples/latent_space.py  # under a minute on 2 CPU cores
+    python examples/latent_space.py
     python examples/latent_space.py --latent-dims 2 --grid-size 20 --epochs 100
 """
 

@@ -10,7 +10,7 @@ test digits, and the figure.
 
 Run::
 
-    python examples/swap_likelihood.py  # under a minute on 2 CPU cores
+    python examples/swap_likelihood.py
     python examples/swap_likelihood.py --epochs 50 --out likelihood_figures
 """
 

@@ -8,7 +8,7 @@ each prior puts its mass and where the encoder puts the test digits.
 
 Run::
 
-    python examples/swap_prior.py  # under a minute on 2 CPU cores
+    python examples/swap_prior.py
     python examples/swap_prior.py --priors normal student_t --epochs 50 --out prior_figures
 """
 

@@ -1,6 +1,7 @@
 """pyro_vae: variational autoencoders written as Pyro model/guide pairs."""
 
 from pyro_vae.compare import (
+    Comparison,
     compare_elbo_variance,
     compare_gradient_variance,
     compare_run,
@@ -15,23 +16,25 @@ from pyro_vae.estimators import (
     estimate_log_likelihood,
     estimate_log_likelihood_curve,
 )
-from pyro_vae.evaluate import active_units, evaluate_run, evaluate_vae
+from pyro_vae.evaluate import Evaluation, active_units, evaluate_run, evaluate_vae
 from pyro_vae.guides import GUIDES, GuideFamily, get_guide
 from pyro_vae.likelihoods import LIKELIHOODS, Likelihood, get_likelihood
 from pyro_vae.objectives import ELBOS, get_elbo
 from pyro_vae.priors import PRIORS, Prior, get_prior
-from pyro_vae.runs import Run, load_run
+from pyro_vae.runs import Run, load_run, resume_run, train_run
 from pyro_vae.train import evaluate_elbo, fit
 from pyro_vae.vae import VAE
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Comparison",
     "Config",
     "DATASETS",
     "Dataset",
     "ELBOS",
     "ELBOTerms",
+    "Evaluation",
     "GUIDES",
     "GuideFamily",
     "LIKELIHOODS",
@@ -60,4 +63,6 @@ __all__ = [
     "iterate_batches",
     "load_dataset",
     "load_run",
+    "resume_run",
+    "train_run",
 ]

@@ -17,10 +17,11 @@ Three measurements, each of which can be run on its own:
   with each estimator, every model scored on the test set with the *same* estimator (see
   there), against steps and seconds.
 
-:func:`compare_run` runs all three on a run folder, :func:`format_comparison_markdown` makes
-the README table and :func:`write_comparison` writes ``comparison.json``, ``comparison.md``
-and the figures. When the (prior, guide) pair has no closed-form KL, the "analytic" estimator
-samples the KL like the Monte Carlo one; the result's ``note`` says so.
+:func:`compare_run` runs all three on a run folder and returns a :class:`Comparison`;
+:func:`~pyro_vae.report.format_comparison_markdown` makes the README table of it and
+:func:`~pyro_vae.report.write_comparison` writes ``comparison.json``, ``comparison.md`` and the
+figures. When the (prior, guide) pair has no closed-form KL, the "analytic" estimator samples
+the KL like the Monte Carlo one; the result's ``note`` says so.
 
 References:
 
@@ -42,38 +43,34 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
 import torch
 
-from pyro_vae.config import Config
-from pyro_vae.data import Dataset
-from pyro_vae.estimators import estimate_elbo, estimate_elbo_terms
-from pyro_vae.evaluate import (
-    analytic_kl_available,
-    as_run,
-    dumps_json,
-    model_summary,
-    select_split,
+from pyro_vae.checks import check_int
+from pyro_vae.config import Config, model_summary
+from pyro_vae.data import Dataset, select_split
+from pyro_vae.describe import build_vae, is_buildable
+from pyro_vae.devices import fork_rng
+from pyro_vae.estimators import (
+    AnalyticKLWarning,
+    RunningMoments,
+    estimate_elbo,
+    estimate_elbo_terms,
+    sampled_kl_sites,
 )
+from pyro_vae.evaluate import as_run, finite_or_none, no_analytic_kl_note
 from pyro_vae.objectives import get_elbo
-from pyro_vae.plots import plot_histogram, plot_training_comparison
-from pyro_vae.runs import Run, atomic_write_text, build_vae, is_buildable, load_run_dataset
-from pyro_vae.train import fit, resolve_binarize
+from pyro_vae.runs import Run, load_run_dataset
+from pyro_vae.train import fit
 from pyro_vae.vae import VAE
 
 logger = logging.getLogger(__name__)
 
-COMPARISON_FILE = "comparison.json"
-COMPARISON_MARKDOWN = "comparison.md"
-CURVES_FIGURE = "comparison_curves.png"
-STD_RATIO_FIGURE = "comparison_std_ratio.png"
-
 #: The two estimators compared: label -> key of :data:`~pyro_vae.objectives.ELBOS`.
 ESTIMATORS = {"monte_carlo": "trace", "analytic_kl": "meanfield"}
-
-LABELS = {"monte_carlo": "Monte Carlo KL", "analytic_kl": "analytic KL"}
 
 #: Parameter groups of the gradient study: first component of the parameter name -> group.
 PARAMETER_GROUPS = {
@@ -84,7 +81,33 @@ PARAMETER_GROUPS = {
     "likelihood": "decoder",
 }
 
-_NO_ANALYTIC_KL = "no analytic KL"
+
+@dataclass(frozen=True)
+class Comparison:
+    """The result of :func:`compare_run`; :meth:`as_dict` is ``comparison.json``.
+
+    :ivar run_dir: the run folder.
+    :ivar model: :func:`~pyro_vae.config.model_summary` of its config.
+    :ivar analytic_kl_available: whether every KL term has a closed form.
+    :ivar note: says so when not, else ``None``.
+    :ivar settings: ``num_draws``, ``num_points``, ``batch_size``, ``train_epochs``, ``seed``.
+    :ivar elbo_variance: from :func:`compare_elbo_variance`.
+    :ivar gradient_variance: from :func:`compare_gradient_variance`.
+    :ivar training: from :func:`compare_training`, ``None`` when skipped.
+    """
+
+    run_dir: str
+    model: dict
+    analytic_kl_available: bool
+    note: str | None
+    settings: dict
+    elbo_variance: dict
+    gradient_variance: dict
+    training: dict | None
+
+    def as_dict(self) -> dict:
+        """The result as plain JSON values."""
+        return dataclasses.asdict(self)
 
 
 def compare_run(
@@ -98,12 +121,12 @@ def compare_run(
     data_dir: str | Path | None = None,
     device: str | torch.device | None = None,
     make_vae: Callable[[], VAE] | None = None,
-) -> dict:
+) -> Comparison:
     """Run the three measurements of this module on a trained run.
 
     The ELBO study uses the first ``num_points`` test points, the gradient study the first
     ``batch_size`` training points (binarized with a fixed seed, see
-    :func:`~pyro_vae.evaluate.select_split`), the training study the run's data set and
+    :func:`~pyro_vae.data.select_split`), the training study the run's data set and
     architecture. Pyro's validation is off throughout, for speed. The global torch RNG is
     restored afterwards, but the training study reseeds Python's and NumPy's (through
     :func:`pyro.set_rng_seed` in :func:`~pyro_vae.train.fit`).
@@ -118,68 +141,68 @@ def compare_run(
     :param device: where to compute; default the run's device (``"cpu"`` for a path).
     :param make_vae: builds a fresh untrained model for the training study; needed only for a
         model that ``config.json`` cannot rebuild (a custom model class or unregistered parts,
-        loaded with ``load_run(run_dir, vae=...)``). Default: :func:`~pyro_vae.runs.build_vae`.
-    :returns: a dict with ``run_dir``, ``model``, ``analytic_kl_available``, ``note``,
-        ``elbo_variance``, ``gradient_variance``, ``training`` (or ``None``) and ``settings``.
+        loaded with ``load_run(run_dir, vae=...)``). Default:
+        :func:`~pyro_vae.describe.build_vae`.
+    :returns: the :class:`Comparison`.
     """
-    for name, value in (("num_draws", num_draws), ("num_points", num_points)):
-        _check_int(name, value, minimum=2 if name == "num_draws" else 1)
-    _check_int("batch_size", batch_size)
-    _check_int("train_epochs", train_epochs, minimum=0)
+    check_int("num_draws", num_draws, minimum=2)
+    check_int("num_points", num_points)
+    check_int("batch_size", batch_size)
+    check_int("train_epochs", train_epochs, minimum=0)
     run = as_run(run, device)
+    if train_epochs:
+        _check_trainable(run, make_vae)
     vae, config = run.vae, run.config
-    if train_epochs and make_vae is None and not is_buildable(config):
-        raise ValueError(
-            "compare's training study trains two fresh models, and config.json cannot rebuild "
-            "this run's model (a custom model class or an unregistered part); pass "
-            "make_vae=<a function returning a new untrained model>, or train_epochs=0 to skip it"
-        )
-    if train_epochs and make_vae is not None:
-        try:  # fail now, not after the first two studies
-            make_vae().load_state_dict(vae.state_dict())
-        except (RuntimeError, KeyError) as error:
-            raise ValueError(
-                f"make_vae() builds a model whose parameters do not match the run's: {error}"
-            ) from None
-    config.binarize = resolve_binarize(config.binarize, vae.likelihood)
-    dataset = load_run_dataset(config, data_dir, device=next(vae.parameters()).device)
+    dataset = load_run_dataset(
+        config, data_dir, device=next(vae.parameters()).device, likelihood=vae.likelihood
+    )
     x_test = select_split(dataset, "test")[:num_points]
     x_batch = select_split(dataset, "train")[:batch_size]
-    analytic = analytic_kl_available(vae, x_test)
-    result = {
-        "run_dir": str(run.path),
-        "model": model_summary(config),
-        "analytic_kl_available": analytic,
-        "note": None if analytic else no_analytic_kl_note(vae),
-        "settings": {
-            "num_draws": num_draws,
-            "num_points": x_test.shape[0],
-            "batch_size": x_batch.shape[0],
-            "train_epochs": train_epochs,
-            "seed": seed,
-        },
+    sampled = sampled_kl_sites(vae.model, vae.guide, x_test)
+    settings = {
+        "num_draws": num_draws,
+        "num_points": x_test.shape[0],
+        "batch_size": x_batch.shape[0],
+        "train_epochs": train_epochs,
+        "seed": seed,
     }
-    devices = [x_test.device] if x_test.device.type == "cuda" else []
-    with torch.random.fork_rng(devices), pyro.validation_enabled(False):
-        result["elbo_variance"] = compare_elbo_variance(vae, x_test, num_draws, seed)
-        result["gradient_variance"] = compare_gradient_variance(vae, x_batch, num_draws, seed)
-        result["training"] = (
+    with fork_rng(x_test.device), pyro.validation_enabled(False):
+        elbo_variance = compare_elbo_variance(vae, x_test, num_draws, seed)
+        gradient_variance = compare_gradient_variance(vae, x_batch, num_draws, seed)
+        training = (
             compare_training(config, dataset, train_epochs, seed, make_vae=make_vae)
             if train_epochs
             else None
         )
-    return result
-
-
-def no_analytic_kl_note(vae: VAE) -> str:
-    """The plain statement that a VAE's (prior, guide) pair has no closed-form KL."""
-    return (
-        f"{_NO_ANALYTIC_KL}: KL(q(z|x) || p(z)) has no closed form for prior "
-        f"{type(vae.prior).__name__} and guide {type(vae.guide_family).__name__}, so the "
-        "'analytic KL' estimator (TraceMeanField_ELBO) falls back to sampling the KL "
-        "(log q - log p at the drawn z): both columns are the Monte Carlo estimator, and any "
-        "difference between them is sampling noise."
+    return Comparison(
+        run_dir=str(run.path),
+        model=model_summary(config),
+        analytic_kl_available=not sampled,
+        note=no_analytic_kl_note(vae, sampled) if sampled else None,
+        settings=settings,
+        elbo_variance=elbo_variance,
+        gradient_variance=gradient_variance,
+        training=training,
     )
+
+
+def _check_trainable(run: Run, make_vae: Callable[[], VAE] | None) -> None:
+    """Fail now, not after the first two studies, if the training study cannot build models."""
+    if make_vae is None:
+        if not is_buildable(run.config):
+            raise ValueError(
+                "compare's training study trains two fresh models, and config.json cannot "
+                "rebuild this run's model (a custom model class or an unregistered part); pass "
+                "make_vae=<a function returning a new untrained model>, or train_epochs=0 to "
+                "skip it"
+            )
+        return
+    try:
+        make_vae().load_state_dict(run.vae.state_dict())
+    except (RuntimeError, KeyError) as error:
+        raise ValueError(
+            f"make_vae() builds a model whose parameters do not match the run's: {error}"
+        ) from None
 
 
 def compare_elbo_variance(vae: VAE, x: torch.Tensor, num_draws: int = 100, seed: int = 0) -> dict:
@@ -203,11 +226,11 @@ def compare_elbo_variance(vae: VAE, x: torch.Tensor, num_draws: int = 100, seed:
         ``variance_ratio``, quantiles of the per-datapoint ratio and the ratios themselves
         (``std_ratios``).
     """
-    _check_int("num_draws", num_draws, minimum=2)
+    check_int("num_draws", num_draws, minimum=2)
     torch.manual_seed(seed)
     terms = {}
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_NO_ANALYTIC_KL, category=UserWarning)
+        warnings.simplefilter("ignore", AnalyticKLWarning)
         for label in ESTIMATORS:
             analytic_kl = label == "analytic_kl"
             terms[label] = estimate_elbo_terms(
@@ -245,7 +268,7 @@ def compare_elbo_variance(vae: VAE, x: torch.Tensor, num_draws: int = 100, seed:
             if finite.numel()
             else None
         ),
-        std_ratios=[_finite_or_none(r) for r in ratios.tolist()],
+        std_ratios=[finite_or_none(r) for r in ratios.tolist()],
     )
     return result
 
@@ -273,7 +296,7 @@ def compare_gradient_variance(
         group -> ``mean_norm``, ``total_variance``, ``snr``, and ``variance_ratio`` and
         ``snr_ratio`` per group.
     """
-    _check_int("num_draws", num_draws, minimum=2)
+    check_int("num_draws", num_draws, minimum=2)
     names = [name for name, p in vae.named_parameters() if p.requires_grad]
     params = [p for p in vae.parameters() if p.requires_grad]
     groups = [PARAMETER_GROUPS.get(name.split(".")[0], "other") for name in names]
@@ -284,20 +307,18 @@ def compare_gradient_variance(
             g: sum(p.numel() for p, h in zip(params, groups) if h == g) for g in sorted(set(groups))
         },
     }
-    kl_scale, vae.kl_scale = vae.kl_scale, 1.0
-    try:
+    with vae.kl_weight(1.0):
         for label, elbo_name in ESTIMATORS.items():
             loss_fn = get_elbo(elbo_name)
-            moments = [_Welford() for _ in params]
+            moments = [RunningMoments() for _ in params]
             torch.manual_seed(seed)
             for _ in range(num_draws):
                 loss = loss_fn.differentiable_loss(vae.model, vae.guide, x) / x.shape[0]
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 for m, g, p in zip(moments, grads, params):
-                    m.update(torch.zeros_like(p) if g is None else g)
+                    # One draw at a time, in float64 so the sums over draws lose nothing.
+                    m.update((torch.zeros_like(p) if g is None else g).detach().double()[None])
             result[label] = _group_statistics(moments, groups)
-    finally:
-        vae.kl_scale = kl_scale
     mc, an = result["monte_carlo"], result["analytic_kl"]
     result["variance_ratio"] = {
         g: _ratio(mc[g]["total_variance"], an[g]["total_variance"]) for g in result["groups"]
@@ -306,7 +327,7 @@ def compare_gradient_variance(
     return result
 
 
-def _group_statistics(moments: list[_Welford], groups: list[str]) -> dict:
+def _group_statistics(moments: list[RunningMoments], groups: list[str]) -> dict:
     stats = {}
     for group in sorted(set(groups)):
         members = [m for m, g in zip(moments, groups) if g == group]
@@ -346,12 +367,13 @@ def compare_training(
     :param int num_epochs: epochs of each training run.
     :param int seed: seed of the initialisation and of training.
     :param torch.Tensor eval_x: the data to score on.
-    :param make_vae: builds a fresh untrained model; default ``build_vae(config)``.
+    :param make_vae: builds a fresh untrained model; default
+        :func:`~pyro_vae.describe.build_vae` of ``config``.
     :returns: ``curves``: estimator label -> rows with ``epoch``, ``step``, ``seconds``,
         ``train_elbo`` (the training objective, ``None`` before training), ``test_elbo_monte_carlo``
         and ``test_elbo_analytic_kl``; and ``score`` naming the estimator used for the plot.
     """
-    _check_int("num_epochs", num_epochs)
+    check_int("num_epochs", num_epochs)
     base = dataclasses.replace(config, epochs=num_epochs, seed=seed)
     device = dataset.train_x.device
     eval_x = select_split(dataset, "test") if eval_x is None else eval_x
@@ -386,10 +408,9 @@ def _score(vae: VAE, x: torch.Tensor, seed: int) -> dict:
     stream of random numbers."""
     vae.eval()
     scores = {}
-    devices = [x.device] if x.device.type == "cuda" else []
     # At KL weight 1 whatever the warm-up says: the estimators ignore vae.kl_scale.
-    with torch.random.fork_rng(devices), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_NO_ANALYTIC_KL, category=UserWarning)
+    with fork_rng(x.device), warnings.catch_warnings():
+        warnings.simplefilter("ignore", AnalyticKLWarning)
         for label in ESTIMATORS:
             torch.manual_seed(seed)
             elbo = estimate_elbo(vae.model, vae.guide, x, label == "analytic_kl")
@@ -397,184 +418,7 @@ def _score(vae: VAE, x: torch.Tensor, seed: int) -> dict:
     return scores
 
 
-def format_comparison_markdown(result: dict, command: str | None = None) -> str:
-    """The result of :func:`compare_run` as markdown ready to paste into a README."""
-    model = result["model"]
-    lines = [
-        f"### Monte Carlo vs analytic KL: {model['dataset']}, prior {model['prior']}, "
-        f"guide {model['guide']}, latent dim {model['latent_dim']}",
-        "",
-    ]
-    if command:
-        lines += ["```bash", command, "```", ""]
-    if result["note"]:
-        lines += [f"**Note: {result['note']}**", ""]
-    lines += _elbo_markdown(result["elbo_variance"]) + [""]
-    lines += _gradient_markdown(result["gradient_variance"], result["analytic_kl_available"])
-    if result["training"]:
-        lines += [""] + _training_markdown(result["training"])
-    return "\n".join(lines) + "\n"
-
-
-def _elbo_markdown(ev: dict) -> list[str]:
-    lines = [
-        f"ELBO of each of {ev['num_points']} test points estimated {ev['num_draws']} times "
-        "(one draw of z each), trained parameters fixed; nats per datapoint:",
-        "",
-        "| estimator | mean ELBO | mean std of one draw | median std |",
-        "|---|---:|---:|---:|",
-    ]
-    for label in ESTIMATORS:
-        e = ev[label]
-        lines.append(
-            f"| {LABELS[label]} | {e['mean']:.3f} | {e['mean_std']:.3f} | {e['median_std']:.3f} |"
-        )
-    lines += [
-        "",
-        f"Difference of the means (Monte Carlo - analytic): {ev['difference']:.4f} nats = "
-        f"{_num(ev['difference_in_stderrs'])} standard errors (both estimate the same ELBO). "
-        f"Std ratio Monte Carlo / analytic: {_num(ev['std_ratio'])} (variance ratio "
-        f"{_num(ev['variance_ratio'])}; median per-point std ratio "
-        f"{_num((ev['std_ratio_quantiles'] or {}).get('50%'))}).",
-    ]
-    if ev["std_ratio"] is not None and ev["std_ratio"] < 1:
-        lines.append(
-            "Here the Monte Carlo estimator has the lower variance: its sampled "
-            "log p(z) - log q(z|x) is correlated with log p(x|z) and partly cancels its noise "
-            "(at the exact posterior the cancellation is complete; Roeder et al. 2017)."
-        )
-    return lines
-
-
-def _gradient_markdown(gv: dict, analytic: bool) -> list[str]:
-    lines = [
-        f"Gradient of the mean loss per datapoint on one fixed minibatch of {gv['batch_size']} "
-        f"training points, {gv['num_draws']} draws per estimator (the same z for both):",
-        "",
-        "| parameters | estimator | norm of mean gradient | total variance | SNR |",
-        "|---|---|---:|---:|---:|",
-    ]
-    for group in gv["groups"]:
-        for label in ESTIMATORS:
-            s = gv[label][group]
-            lines.append(
-                f"| {group} ({gv['groups'][group]}) | {LABELS[label]} | {s['mean_norm']:.4g} | "
-                f"{s['total_variance']:.4g} | {_num(s['snr'])} |"
-            )
-    ratios = ", ".join(f"{g} {_num(r)}" for g, r in gv["variance_ratio"].items())
-    lines += ["", f"Gradient variance ratio Monte Carlo / analytic: {ratios}."]
-    for group, ratio in gv["variance_ratio"].items():
-        if ratio is not None and ratio <= 1.05:
-            if not analytic:
-                why = "without a closed-form KL both are the same estimator, and drew the same z"
-            elif group == "decoder":
-                why = (
-                    "decoder and likelihood gradients come from log p(x|z) alone, which is the "
-                    "same in both estimators for the same z (only prior parameters, if any, see "
-                    "the KL)"
-                )
-            else:
-                why = "the sampled KL is not the dominant source of its gradient noise here"
-            lines.append(
-                f"Analytic KL does not reduce the gradient variance of the {group} parameters "
-                f"(ratio {_num(ratio)}): {why}."
-            )
-    return lines
-
-
-def _training_markdown(training: dict) -> list[str]:
-    score = training["score"]
-    lines = [
-        f"Trained from the same initialisation and seed for {_epochs(training['num_epochs'])} "
-        f"with each estimator; test ELBO scored with the analytic-KL estimator for both "
-        f"(`{score}`; one draw per test point, fixed seed):",
-        "",
-        "| trained with | final test ELBO | steps | seconds |",
-        "|---|---:|---:|---:|",
-    ]
-    for label, rows in training["curves"].items():
-        last = rows[-1]
-        lines.append(
-            f"| {LABELS[label]} | {last[score]:.3f} | {last['step']} | {last['seconds']:.2f} |"
-        )
-    lines += [
-        "",
-        "Seconds are wall-clock (training plus fit's own per-epoch test ELBO) and depend on "
-        "the load of the machine.",
-        "",
-        f"![test ELBO against steps and seconds]({CURVES_FIGURE})",
-    ]
-    return lines
-
-
-def write_comparison(run_dir: str | Path, result: dict, command: str | None = None) -> list[Path]:
-    """Write ``comparison.json``, ``comparison.md`` and the figures into ``run_dir``.
-
-    :returns: the paths written.
-    """
-    run_dir = Path(run_dir)
-    paths = [run_dir / COMPARISON_FILE, run_dir / COMPARISON_MARKDOWN]
-    atomic_write_text(paths[0], dumps_json(result))
-    atomic_write_text(paths[1], format_comparison_markdown(result, command))
-    figures = {}
-    if result["training"]:
-        training = result["training"]
-        curves = {LABELS[k]: rows for k, rows in training["curves"].items()}
-        figures[CURVES_FIGURE] = plot_training_comparison(
-            curves, training["score"], "test ELBO, analytic-KL score (nats)"
-        )
-    ratios = [r for r in result["elbo_variance"]["std_ratios"] if r is not None and r > 0]
-    if ratios:
-        figures[STD_RATIO_FIGURE] = plot_histogram(
-            ratios,
-            "std of one Monte Carlo ELBO draw / std of one analytic-KL draw, per test point",
-            reference=1.0,
-            log_x=True,
-        )
-    for name, fig in figures.items():
-        fig.savefig(run_dir / name, dpi=120)
-        paths.append(run_dir / name)
-    return paths
-
-
-class _Welford:
-    """Running mean and variance over draws of one tensor, in float64."""
-
-    def __init__(self):
-        self.count = 0
-        self.mean: torch.Tensor | float = 0.0
-        self.m2: torch.Tensor | float = 0.0
-
-    def update(self, value: torch.Tensor) -> None:
-        value = value.detach().double()
-        self.count += 1
-        delta = value - self.mean
-        self.mean = self.mean + delta / self.count
-        self.m2 = self.m2 + delta * (value - self.mean)
-
-    def variance(self) -> torch.Tensor:
-        return self.m2 / (self.count - 1)
-
-
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
-    return _finite_or_none(a / b)
-
-
-def _finite_or_none(value: float) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _epochs(num: int) -> str:
-    return f"{num} epoch" if num == 1 else f"{num} epochs"
-
-
-def _num(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3g}"
-
-
-def _check_int(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return finite_or_none(a / b)

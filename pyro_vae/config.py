@@ -1,14 +1,19 @@
-"""One :func:`dataclasses.dataclass` per run, saved as ``config.json`` beside the outputs."""
+"""One frozen :func:`dataclasses.dataclass` per run, saved as ``config.json`` beside the outputs.
+
+A :class:`Config` never changes once made: every change is :func:`dataclasses.replace`, which
+builds and checks a new one. The fields with ``help`` in their metadata are the settings a user
+chooses (the ``pyro-vae train`` flags are made from them); the others are filled in when
+training starts.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
-import torch
-
+from pyro_vae.checks import check_choice, check_int, check_positive
 from pyro_vae.data import BINARIZATIONS, DATASETS
+from pyro_vae.devices import check_device_name
 from pyro_vae.guides import GUIDES
 from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.networks import ACTIVATIONS
@@ -18,37 +23,69 @@ from pyro_vae.priors import PRIORS
 #: Bumped when a saved run can no longer be read by this version of the code.
 FORMAT_VERSION = 1
 
+#: The fields naming a registered choice, and the names each may take.
+CHOICES = {
+    "dataset": DATASETS,
+    "binarize": BINARIZATIONS,
+    "activation": ACTIVATIONS,
+    "prior": PRIORS,
+    "likelihood": LIKELIHOODS,
+    "guide": GUIDES,
+    "elbo": ELBOS,
+}
 
-@dataclass
+#: The parts, whose field may also hold the import path of an unregistered class.
+PART_FIELDS = ("prior", "likelihood", "guide")
+
+
+def _setting(default, help: str):
+    """A field the user chooses: ``help`` is the text of its ``pyro-vae train`` flag."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
 class Config:
     """Every setting of a training run: enough to rebuild the model and repeat the run.
 
     ``binarize=None`` means: dynamic binarization when the likelihood needs binary data,
-    none otherwise. ``clip_norm=None`` means no gradient clipping.
+    none otherwise. ``clip_norm=None`` means no gradient clipping. A config is checked when it
+    is made (see :meth:`validate`) and never changes: use :func:`dataclasses.replace`.
+
+    >>> config = Config(epochs=3)
+    >>> dataclasses.replace(config, lr=3e-3).lr
+    0.003
     """
 
-    dataset: str = "digits"
-    data_dir: str | None = None
-    binarize: str | None = None
-    latent_dim: int = 20
-    hidden_dims: list[int] = field(default_factory=lambda: [400, 400])
-    activation: str = "relu"
-    prior: str = "normal"
-    likelihood: str = "bernoulli"
-    guide: str = "diagonal"
+    dataset: str = _setting("digits", "data set")
+    data_dir: str | None = _setting(
+        None, "folder holding torchvision data sets (default: $PYRO_VAE_DATA or the user cache)"
+    )
+    binarize: str | None = _setting(
+        None, "binarization of grey levels (default: dynamic for Bernoulli likelihoods, else none)"
+    )
+    latent_dim: int = _setting(20, "size of the latent code z")
+    hidden_dims: list[int] = _setting([400, 400], "hidden layer sizes of encoder and decoder")
+    activation: str = _setting("relu", "activation of the hidden layers")
+    prior: str = _setting("normal", "prior p(z)")
+    likelihood: str = _setting("bernoulli", "likelihood p(x|z)")
+    guide: str = _setting("diagonal", "variational family q(z|x)")
     prior_kwargs: dict = field(default_factory=dict)
     likelihood_kwargs: dict = field(default_factory=dict)
     guide_kwargs: dict = field(default_factory=dict)
-    elbo: str = "trace"
-    num_particles: int = 1
-    lr: float = 1e-3
-    clip_norm: float | None = None
-    epochs: int = 100
-    batch_size: int = 100
-    beta: float = 1.0
-    warmup_epochs: int = 0
-    seed: int = 0
-    device: str = "auto"
+    elbo: str = _setting("trace", "ELBO estimator: trace = Monte Carlo, meanfield = analytic KL")
+    num_particles: int = _setting(1, "samples of z per datapoint and step (vectorized)")
+    lr: float = _setting(1e-3, "Adam learning rate")
+    clip_norm: float | None = _setting(
+        None, "clip the gradient norm to this value (default: no clipping)"
+    )
+    epochs: int = _setting(100, "passes over the training set")
+    batch_size: int = _setting(100, "datapoints per step")
+    beta: float = _setting(1.0, "weight of the KL term")
+    warmup_epochs: int = _setting(0, "epochs of linear KL warm-up from 0 to beta")
+    seed: int = _setting(0, "random seed (same seed on CPU, same numbers)")
+    device: str = _setting("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     #: Filled in from the data set when training starts; needed to rebuild the model.
     data_dim: int | None = None
     image_shape: list[int] | None = None
@@ -58,8 +95,11 @@ class Config:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if isinstance(self.hidden_dims, tuple | range):
-            self.hidden_dims = list(self.hidden_dims)
+        # Sequences are stored as lists, as config.json reads them back.
+        for name in ("hidden_dims", "image_shape"):
+            value = getattr(self, name)
+            if isinstance(value, tuple | range):
+                object.__setattr__(self, name, list(value))
         self.validate()
 
     def validate(self) -> None:
@@ -68,53 +108,32 @@ class Config:
         A config may come from a ``config.json`` someone else wrote, so every field is checked
         for its type as well as its range before anything is built from it.
         """
-        for name in ("latent_dim", "epochs", "batch_size", "num_particles"):
-            value = getattr(self, name)
-            if not _is_positive_int(value):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.hidden_dims, list) or not all(
-            _is_positive_int(h) for h in self.hidden_dims
-        ):
-            raise ValueError(f"hidden_dims must be positive integers, got {self.hidden_dims!r}")
-        for name in ("lr", "beta", "clip_norm"):
-            value = getattr(self, name)
-            if value is None and name == "clip_norm":
-                continue
-            if not _is_positive_number(value):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        if isinstance(self.warmup_epochs, bool) or not isinstance(self.warmup_epochs, int):
-            raise ValueError(f"warmup_epochs must be an integer, got {self.warmup_epochs!r}")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
-        if (
-            isinstance(self.seed, bool)
-            or not isinstance(self.seed, int)
-            or not 0 <= self.seed < 2**32
-        ):
-            raise ValueError(f"seed must be an integer in [0, 2**32 - 1], got {self.seed!r}")
+        for name in ("latent_dim", "num_particles", "epochs", "batch_size"):
+            check_int(name, getattr(self, name))
+        check_int("warmup_epochs", self.warmup_epochs, minimum=0)
+        check_int("seed", self.seed, minimum=0, maximum=2**32 - 1)
+        _check_int_list("hidden_dims", self.hidden_dims)
+        check_positive("lr", self.lr)
+        check_positive("beta", self.beta)
+        if self.clip_norm is not None:
+            check_positive("clip_norm", self.clip_norm)
         self._check_names()
         self._check_data_shape()
         _check_format_version(self.format_version)
 
     def _check_names(self) -> None:
-        registries = {
-            "dataset": DATASETS,
-            "activation": ACTIVATIONS,
-            "prior": PRIORS,
-            "likelihood": LIKELIHOODS,
-            "guide": GUIDES,
-            "elbo": ELBOS,
-        }
-        for name, registry in registries.items():
+        for name, registry in CHOICES.items():
             value = getattr(self, name)
-            if name in ("prior", "likelihood", "guide") and isinstance(value, str) and "." in value:
+            if name == "binarize" and value is None:
+                continue
+            if name in PART_FIELDS and isinstance(value, str) and "." in value:
                 continue  # the import path of an unregistered part's class, as fit() records it
-            if not isinstance(value, str) or value not in registry:
-                raise ValueError(f"unknown {name} {value!r}; choose one of {sorted(registry)}")
-        if self.binarize is not None and self.binarize not in BINARIZATIONS:
-            raise ValueError(
-                f"unknown binarize {self.binarize!r}; choose one of {list(BINARIZATIONS)} or None"
-            )
+            try:
+                check_choice(name, value, registry)
+            except ValueError as e:
+                if name != "binarize":
+                    raise
+                raise ValueError(f"{e} or None") from None  # None: chosen by the likelihood
         for name in ("prior_kwargs", "likelihood_kwargs", "guide_kwargs"):
             value = getattr(self, name)
             if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
@@ -123,23 +142,23 @@ class Config:
             raise ValueError(f"vae_class must be an import path or None, got {self.vae_class!r}")
         if not isinstance(self.device, str):
             raise ValueError(f"device must be a string such as 'cpu', got {self.device!r}")
-        if not _is_device_name(self.device):
-            raise ValueError(f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
+        check_device_name(self.device)
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             raise ValueError(f"data_dir must be a path string or None, got {self.data_dir!r}")
 
     def _check_data_shape(self) -> None:
-        if self.data_dim is not None and not _is_positive_int(self.data_dim):
+        if self.data_dim is not None and not _all_positive_ints([self.data_dim]):
             raise ValueError(f"data_dim must be a positive integer or None, got {self.data_dim!r}")
-        if self.image_shape is None:
-            return
         shape = self.image_shape
-        if not isinstance(shape, list) or len(shape) != 2 or not all(map(_is_positive_int, shape)):
+        if shape is None:
+            return
+        if not isinstance(shape, list) or len(shape) != 2 or not _all_positive_ints(shape):
             raise ValueError(f"image_shape must be [height, width], got {shape!r}")
         if self.data_dim is not None and shape[0] * shape[1] != self.data_dim:
             raise ValueError(f"image_shape {shape} does not hold data_dim={self.data_dim} pixels")
 
     def to_dict(self) -> dict:
+        """The fields as plain JSON values, as ``config.json`` holds them."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -155,24 +174,34 @@ class Config:
         return cls(**data)
 
 
-def _is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+def model_summary(config: Config) -> dict:
+    """The model fields of a run's config that reports print."""
+    return {
+        "dataset": config.dataset,
+        "prior": config.prior,
+        "likelihood": config.likelihood,
+        "guide": config.guide,
+        "latent_dim": config.latent_dim,
+        "hidden_dims": list(config.hidden_dims),
+        "trained_with_elbo": config.elbo,
+    }
 
 
-def _is_positive_number(value) -> bool:
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    return number and math.isfinite(value) and value > 0
-
-
-def _is_device_name(text: str) -> bool:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, as the CLI's ``--device`` takes."""
+def _all_positive_ints(values: list) -> bool:
     try:
-        return text == "auto" or torch.device(text).type in ("cpu", "cuda")
-    except (RuntimeError, TypeError):
+        for value in values:
+            check_int("", value)
+    except ValueError:
         return False
+    return True
 
 
-def _check_format_version(version) -> None:
+def _check_int_list(name: str, values: object) -> None:
+    if not isinstance(values, list) or not _all_positive_ints(values):
+        raise ValueError(f"{name} must be positive integers, got {values!r}")
+
+
+def _check_format_version(version: object) -> None:
     if isinstance(version, bool) or version != FORMAT_VERSION:
         raise ValueError(
             f"this run was saved in format version {version!r}; this pyro_vae reads "

@@ -1,5 +1,10 @@
 """Datasets, binarization and batching on the device.
 
+This module is the one home of the binarization policy: which binarization a likelihood gets
+(:func:`resolve_binarize`), the fixed seeds of the one-off draws (:func:`load_dataset`) and the
+binary images an evaluation sees of a dynamically binarized training split
+(:func:`select_split`).
+
 Every dataset is returned as flat float32 tensors in ``[0, 1]`` with a fixed train/test split,
 so results compare across runs. ``digits`` (scikit-learn's bundled 8x8 digits) needs no files
 and is the default; ``mnist`` and ``fashion-mnist`` are read through torchvision from
@@ -26,15 +31,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from torch.distributions import constraints
+
+from pyro_vae.checks import check_choice, check_int
+from pyro_vae.devices import resolve_device
 
 logger = logging.getLogger(__name__)
 
 BINARIZATIONS = ("dynamic", "static", "none")
 
+#: The splits of every data set, as :func:`select_split` names them.
+SPLITS = ("test", "train")
+
 # Fixed seeds of the one-off Bernoulli draws: the test set (for "static" and "dynamic") and
 # the training set (for "static") are the same in every run and never touch the global RNG.
 _TEST_BINARIZATION_SEED = 0
 _TRAIN_BINARIZATION_SEED = 1
+#: Seed of the one-off binarization of a dynamically binarized training split for evaluation.
+TRAIN_EVALUATION_SEED = 2
 _DIGITS_SPLIT_SEED = 0
 _DIGITS_NUM_TEST = 300
 
@@ -126,7 +140,8 @@ def load_dataset(
         defaults to :func:`default_data_dir`. ``digits`` ignores it.
     :type data_dir: str or os.PathLike or None
     :param str binarize: one of :data:`BINARIZATIONS`.
-    :param device: device of the returned tensors.
+    :param device: device of the returned tensors: a name for
+        :func:`~pyro_vae.devices.resolve_device` (``auto`` too) or a :class:`torch.device`.
     :type device: str or torch.device
     :returns: the dataset.
     :rtype: Dataset
@@ -137,14 +152,10 @@ def load_dataset(
     >>> data.train_x.shape, data.image_shape
     (torch.Size([1497, 64]), (8, 8))
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    if binarize not in BINARIZATIONS:
-        raise ValueError(f"unknown binarization {binarize!r}; choose one of {list(BINARIZATIONS)}")
-    try:
-        device = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"unknown device {device!r}; use e.g. 'cpu' or 'cuda'") from err
+    check_choice("dataset", name, DATASETS)
+    check_choice("binarization", binarize, BINARIZATIONS)
+    if not isinstance(device, torch.device):  # a torch.device of any kind is taken as it is
+        device = resolve_device(device)
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
 
     data = DATASETS[name](root, download)
@@ -157,6 +168,42 @@ def load_dataset(
     for field in ("train_x", "train_y", "test_x", "test_y"):
         setattr(data, field, getattr(data, field).to(device))
     return data
+
+
+def resolve_binarize(binarize: str | None, likelihood) -> str:
+    """The binarization a run uses: ``binarize`` if given, else dynamic binarization for a
+    likelihood of binary data and none otherwise.
+
+    :param binarize: one of :data:`BINARIZATIONS` or ``None``.
+    :param likelihood: a :class:`~pyro_vae.likelihoods.Likelihood` or its class.
+
+    >>> from pyro_vae.likelihoods import Bernoulli
+    >>> resolve_binarize(None, Bernoulli)
+    'dynamic'
+    """
+    if binarize is not None:
+        return binarize
+    return "dynamic" if likelihood.support is constraints.boolean else "none"
+
+
+def select_split(dataset: Dataset, split: str) -> Tensor:
+    """The rows of one split, binarized as an evaluation needs them.
+
+    A dynamically binarized data set keeps grey levels in ``train_x``; they are binarized here
+    with a private generator seeded with :data:`TRAIN_EVALUATION_SEED` (on the CPU, so the
+    images do not depend on the device), and every evaluation sees the same binary images.
+
+    :param Dataset dataset: from :func:`load_dataset`.
+    :param str split: one of :data:`SPLITS`.
+    :returns: the ``(N, data_dim)`` data, on the data set's device.
+    """
+    check_choice("split", split, SPLITS)
+    if split == "test":
+        return dataset.test_x
+    x = dataset.train_x
+    if dataset.binarize == "dynamic":
+        x = _binarize_with_seed(x.cpu(), TRAIN_EVALUATION_SEED).to(x.device)
+    return x
 
 
 def iterate_batches(
@@ -176,8 +223,8 @@ def iterate_batches(
         ``x`` must then be in ``[0, 1]``.
     :returns: an iterator over batches that together hold every row exactly once.
     :rtype: Iterator[Tensor]
-    :raises TypeError: ``x`` is not a tensor with a batch dim, or ``batch_size`` not an int.
-    :raises ValueError: ``x`` is empty or ``batch_size`` is out of range.
+    :raises TypeError: ``x`` is not a tensor with a batch dim.
+    :raises ValueError: ``x`` is empty or ``batch_size`` is not an integer in ``[1, N]``.
 
     >>> [b.shape[0] for b in iterate_batches(torch.zeros(10, 3), 4)]
     [4, 4, 2]
@@ -188,12 +235,7 @@ def iterate_batches(
     num_rows = x.shape[0]
     if num_rows == 0:
         raise ValueError("cannot make batches of an empty tensor (x has 0 rows)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
-        raise TypeError(f"batch_size must be an int, got {batch_size!r}")
-    if not 1 <= batch_size <= num_rows:
-        raise ValueError(
-            f"batch_size must be between 1 and the number of rows {num_rows}, got {batch_size}"
-        )
+    batch_size = check_int("batch_size", batch_size, maximum=num_rows)
     return _generate_batches(x, batch_size, shuffle, binarize)
 
 
@@ -308,7 +350,7 @@ def _missing_files_message(cls: type, raw_dir: Path, missing: list[str], reason:
         f"{lacking} in {raw_dir} and {reason[:300]}; "
         f"put the 4 uncompressed files {list(_IDX_FILES)} there (download the .gz files "
         f"from {cls.mirrors[0]} and gunzip them, or copy them from another machine), or pass "
-        f"--data-dir / set PYRO_VAE_DATA to a directory holding {cls.__name__}/raw/"
+        f"config.data_dir / set PYRO_VAE_DATA to a directory holding {cls.__name__}/raw/"
     )
 
 
@@ -337,7 +379,7 @@ def _check_idx_files(raw_dir: Path) -> None:
             )
 
 
-DATASETS: dict[str, Callable[[Path], Dataset]] = {
+DATASETS: dict[str, Callable[[Path, bool], Dataset]] = {
     "digits": _load_digits,
     "mnist": _load_mnist,
     "fashion-mnist": _load_fashion_mnist,

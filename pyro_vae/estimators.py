@@ -23,7 +23,24 @@ per datapoint are vectorized, exactly as ``Trace_ELBO(vectorize_particles=True)`
   latent has batch shape ``(K, N)`` and networks must accept inputs with leading dims
   ``(K, N)`` (``nn.Linear`` does).
 
-The built-in :class:`~pyro_vae.vae.VAE` honours it with sites ``"z"`` and ``"x"``.
+The built-in :class:`~pyro_vae.vae.VAE` honours it with sites ``"z"`` and ``"x"``. When the model
+or the guide fails inside a pass with a shape error of torch or Pyro, the estimators raise a
+:class:`ValueError` that names this contract and the fix, with the original error as its cause.
+
+**Options.** Every estimator takes the same keyword-only options, which :func:`estimate_elbo`,
+:func:`estimate_log_likelihood` and :func:`sampled_kl_sites` pass on unchanged:
+
+- ``plate_name`` (``"data"``): the name of the plate over datapoints;
+- ``max_plate_nesting`` (1): the number of plates in the model and guide, data plate included;
+- ``chunk_size`` and ``batch_size``: draws and datapoints per vectorized pass (see **Memory**);
+- ``max_elements`` (``2**22``): the bound on ``chunk_size * batch_size * x[0].numel()``;
+- ``differentiable`` (ELBO only, ``False``): keep the autograd graph instead of running under
+  :func:`torch.no_grad`.
+
+**Analytic KL.** With ``analytic_kl=True`` a latent site whose KL(q || p) has no closed form
+registered with :func:`torch.distributions.kl_divergence` (a mixture prior, a flow guide) is
+estimated by sampling, with an :class:`AnalyticKLWarning` that names it; filter it by that
+category. :func:`sampled_kl_sites` answers the question beforehand: which sites are sampled.
 
 **Scale is ignored, masks are honoured.** Pyro multiplies a site's log-density by
 ``site["scale"]``, which is how the VAE applies its KL weight (beta times the warm-up factor,
@@ -44,13 +61,11 @@ reproducible. All tensors follow the device and dtype of ``x`` and of the model'
 
 **Memory.** One vectorized pass evaluates ``chunk_size`` draws for ``batch_size`` datapoints.
 Unless given, both are chosen so that ``chunk_size * batch_size * x[0].numel()`` stays below
-``max_elements`` (default ``2**22``), preferring many draws per pass, so that the guide (the
-encoder) runs once per datapoint when possible. The peak memory of a pass is a model-dependent
-multiple of ``max_elements``; for the MNIST VAE (784 pixels, decoder 20-400-400-784) in float32
-it is 15-30 bytes per element, about 0.1 GB at the default (5000 draws for one image per
-pass). Larger passes are not faster on CPU. Results over chunks are combined with a running
-logsumexp (log p(x)) or running moments (ELBO), so chunking changes only which random numbers
-are drawn, not what is estimated.
+``max_elements``, preferring many draws per pass, so that the guide (the encoder) runs once per
+datapoint when possible. The peak memory of a pass is a model-dependent multiple of
+``max_elements`` (``docs/estimators.md`` gives it for the MNIST VAE); larger passes are not
+faster on CPU. Results over chunks are combined with a running logsumexp (log p(x)) or running
+moments (ELBO), so chunking changes only which random numbers are drawn, not what is estimated.
 
 References:
 
@@ -64,10 +79,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pyro
 import torch
@@ -78,6 +93,9 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_site_shape
 from torch.distributions import kl_divergence
 
+from pyro_vae.checks import check_int
+from pyro_vae.devices import fork_rng
+
 #: Name of the plate that vectorizes draws; it must differ from the data plate's name.
 PARTICLES_PLATE = "particles"
 
@@ -85,6 +103,11 @@ PARTICLES_PLATE = "particles"
 DEFAULT_MAX_ELEMENTS = 2**22
 
 PyroFunction = Callable[[torch.Tensor], object]
+
+
+class AnalyticKLWarning(UserWarning):
+    """An estimator was asked for the closed-form KL of a latent site that has none, and
+    samples that site's KL instead (see :func:`sampled_kl_sites`)."""
 
 
 @dataclass(frozen=True)
@@ -121,13 +144,7 @@ def estimate_elbo(
     x: torch.Tensor,
     analytic_kl: bool = False,
     num_particles: int = 1,
-    plate_name: str = "data",
-    *,
-    chunk_size: int | None = None,
-    batch_size: int | None = None,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
-    max_plate_nesting: int = 1,
-    differentiable: bool = False,
+    **options: Any,
 ) -> torch.Tensor:
     """Estimate the ELBO of every datapoint: the ``elbo`` field of :func:`estimate_elbo_terms`.
 
@@ -137,8 +154,7 @@ def estimate_elbo(
     log p(x|z) minus the closed-form KL(q(z|x) || p(z)). Both are unbiased for the same ELBO
     (with beta = 1, see the module notes on scale); the second usually has lower variance.
 
-    See :func:`estimate_elbo_terms` for the parameters.
-
+    :param options: the keyword-only options of :func:`estimate_elbo_terms` (module notes).
     :returns: the ELBO of each datapoint, shape ``(N,)``.
 
     References:
@@ -151,19 +167,7 @@ def estimate_elbo(
     >>> estimate_elbo(vae.model, vae.guide, x, analytic_kl=True).shape
     torch.Size([5])
     """
-    return estimate_elbo_terms(
-        model,
-        guide,
-        x,
-        analytic_kl=analytic_kl,
-        num_particles=num_particles,
-        plate_name=plate_name,
-        chunk_size=chunk_size,
-        batch_size=batch_size,
-        max_elements=max_elements,
-        max_plate_nesting=max_plate_nesting,
-        differentiable=differentiable,
-    ).elbo
+    return estimate_elbo_terms(model, guide, x, analytic_kl, num_particles, **options).elbo
 
 
 def estimate_elbo_terms(
@@ -172,12 +176,12 @@ def estimate_elbo_terms(
     x: torch.Tensor,
     analytic_kl: bool = False,
     num_particles: int = 1,
-    plate_name: str = "data",
     *,
+    plate_name: str = "data",
+    max_plate_nesting: int = 1,
     chunk_size: int | None = None,
     batch_size: int | None = None,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
-    max_plate_nesting: int = 1,
     differentiable: bool = False,
 ) -> ELBOTerms:
     """Estimate the per-datapoint ELBO, split into reconstruction and KL terms.
@@ -186,24 +190,18 @@ def estimate_elbo_terms(
     ``reconstruction = mean_k log p(x|z_k)`` and, per latent site, either the closed-form
     KL(q || p) (``analytic_kl=True`` and :func:`torch.distributions.kl_divergence` knows the
     pair) or ``mean_k [log q(z_k|x) - log p(z_k)]``. A latent site with no registered KL (a
-    mixture prior, a flow guide) falls back to sampling with a :class:`UserWarning` naming it;
-    :attr:`ELBOTerms.analytic_sites` and :attr:`ELBOTerms.sampled_sites` say which was used.
-    As in :class:`~pyro.infer.TraceMeanField_ELBO`, the analytic KL assumes that no latent's
-    prior depends on another latent drawn after it in the guide.
+    mixture prior, a flow guide) falls back to sampling with an :class:`AnalyticKLWarning`
+    naming it; :attr:`ELBOTerms.analytic_sites` and :attr:`ELBOTerms.sampled_sites` say which
+    was used. As in :class:`~pyro.infer.TraceMeanField_ELBO`, the analytic KL assumes that no
+    latent's prior depends on another latent drawn after it in the guide.
+
+    The keyword-only options are described in the module notes.
 
     :param callable model: Pyro model ``model(x)``; see the module notes for the contract.
     :param callable guide: Pyro guide ``guide(x)``.
     :param torch.Tensor x: data, shape ``(N, ...)``.
     :param bool analytic_kl: use closed-form KL divergences where registered.
     :param int num_particles: draws z ~ q(z|x) per datapoint.
-    :param str plate_name: name of the plate over datapoints.
-    :param int chunk_size: draws per vectorized pass; default from ``max_elements``.
-    :param int batch_size: datapoints per vectorized pass; default from ``max_elements``.
-    :param int max_elements: memory budget of one pass, in elements of
-        ``chunk_size * batch_size * x[0].numel()``.
-    :param int max_plate_nesting: number of plates in the model and guide, data plate included.
-    :param bool differentiable: keep the autograd graph (by default, run under
-        :func:`torch.no_grad`).
     :returns: the per-datapoint terms.
     :rtype: ELBOTerms
 
@@ -211,18 +209,19 @@ def estimate_elbo_terms(
 
     [1] `Auto-Encoding Variational Bayes`, Diederik P. Kingma, Max Welling (ICLR 2014).
     """
-    _check_positive_int("num_particles", num_particles)
-    x = _check_args(x, plate_name, max_elements, max_plate_nesting)
-    chunk_size, batch_size = _chunk_sizes(x, num_particles, chunk_size, batch_size, max_elements)
+    num_particles = check_int("num_particles", num_particles)
+    plan = _plan(
+        x, num_particles, plate_name, max_plate_nesting, chunk_size, batch_size, max_elements
+    )
     missing_kl: dict[str, str] = {}
     reconstruction, kl, elbo, stderr = [], [], [], []
     grad_mode = contextlib.nullcontext() if differentiable else torch.no_grad()
     with grad_mode:
-        for x_batch in x.split(batch_size):
-            moments = [_RunningMoments() for _ in range(3)]
-            for num in _chunks(num_particles, chunk_size):
-                log_lik, kl_chunk, sites = _evaluate(
-                    model, guide, x_batch, num, plate_name, max_plate_nesting, analytic_kl
+        for x_batch in x.split(plan.batch_size):
+            moments = [RunningMoments() for _ in range(3)]
+            for num in _chunks(num_particles, plan.chunk_size):
+                log_lik, kl_chunk, sites = _trace_pass(
+                    model, guide, x_batch, num, plan, analytic_kl
                 )
                 missing_kl.update(sites.missing_kl)
                 for m, value in zip(moments, (log_lik, kl_chunk, log_lik - kl_chunk), strict=True):
@@ -231,13 +230,7 @@ def estimate_elbo_terms(
             kl.append(moments[1].mean)
             elbo.append(moments[2].mean)
             stderr.append(moments[2].stderr())
-    for name, reason in missing_kl.items():
-        warnings.warn(
-            f"no analytic KL for latent site {name!r} ({reason}); "
-            "using the Monte Carlo estimate log q(z|x) - log p(z) for it",
-            UserWarning,
-            stacklevel=2,
-        )
+    _warn_sampled_kl(missing_kl)
     return ELBOTerms(
         elbo=torch.cat(elbo),
         reconstruction=torch.cat(reconstruction),
@@ -250,18 +243,47 @@ def estimate_elbo_terms(
     )
 
 
+def sampled_kl_sites(
+    model: PyroFunction, guide: PyroFunction, x: torch.Tensor, **options: Any
+) -> tuple[str, ...]:
+    """The latent sites of ``model`` and ``guide`` whose KL(q(z|x) || p(z)) has no closed form:
+    those that an analytic-KL estimate (``analytic_kl=True``, or Pyro's
+    :class:`~pyro.infer.TraceMeanField_ELBO`, which falls back silently) samples instead.
+
+    This is one pass of :func:`estimate_elbo_terms` with ``analytic_kl=True`` on the first
+    datapoint of ``x`` with one draw, under :func:`torch.no_grad`, that leaves the global
+    random state as it was and raises no :class:`AnalyticKLWarning`. The KL is evaluated rather
+    than looked up, because some registered rules (Pyro's rule for two ``Independent``
+    distributions) raise :class:`NotImplementedError` only once they see the base
+    distributions. As with every estimator, a ``pyro.param`` not yet in the store is created.
+
+    :param callable model: Pyro model ``model(x)``; see the module notes for the contract.
+    :param callable guide: Pyro guide ``guide(x)``.
+    :param torch.Tensor x: data, shape ``(N, ...)``; only ``x[:1]`` is used.
+    :param options: the keyword-only options of the module notes (``plate_name`` and
+        ``max_plate_nesting`` are the ones that matter here).
+    :returns: the names of those sites, in the model's order; empty when every KL is analytic.
+
+    >>> from pyro_vae import VAE
+    >>> vae = VAE(data_dim=64, latent_dim=2, hidden_dims=(32,), prior="mixture")
+    >>> sampled_kl_sites(vae.model, vae.guide, torch.zeros(1, 64))
+    ('z',)
+    """
+    _check_data(x)
+    with fork_rng(x.device), warnings.catch_warnings():
+        warnings.simplefilter("ignore", AnalyticKLWarning)
+        terms = estimate_elbo_terms(model, guide, x[:1], analytic_kl=True, **options)
+    return terms.sampled_sites
+
+
 def estimate_log_likelihood(
     model: PyroFunction,
     guide: PyroFunction,
     x: torch.Tensor,
     num_samples: int = 5000,
-    chunk_size: int | None = None,
-    plate_name: str = "data",
-    return_stderr: bool = False,
     *,
-    batch_size: int | None = None,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
-    max_plate_nesting: int = 1,
+    return_stderr: bool = False,
+    **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Estimate log p(x) of every datapoint by importance sampling with the guide (IWAE).
 
@@ -285,13 +307,8 @@ def estimate_log_likelihood(
     :param callable guide: Pyro guide ``guide(x)``, the proposal.
     :param torch.Tensor x: data, shape ``(N, ...)``.
     :param int num_samples: importance samples K per datapoint.
-    :param int chunk_size: draws per vectorized pass; default from ``max_elements``.
-    :param str plate_name: name of the plate over datapoints.
     :param bool return_stderr: also return the delta-method standard error.
-    :param int batch_size: datapoints per vectorized pass; default from ``max_elements``.
-    :param int max_elements: memory budget of one pass, in elements of
-        ``chunk_size * batch_size * x[0].numel()``.
-    :param int max_plate_nesting: number of plates in the model and guide, data plate included.
+    :param options: the keyword-only options of the module notes.
     :returns: log p(x) estimates of shape ``(N,)``, or ``(estimate, stderr)`` if
         ``return_stderr``.
 
@@ -307,18 +324,9 @@ def estimate_log_likelihood(
     >>> log_px.shape, stderr.shape
     (torch.Size([5]), torch.Size([5]))
     """
-    _check_positive_int("num_samples", num_samples)
+    num_samples = check_int("num_samples", num_samples)
     curve = estimate_log_likelihood_curve(
-        model,
-        guide,
-        x,
-        ks=(num_samples,),
-        chunk_size=chunk_size,
-        plate_name=plate_name,
-        return_stderr=return_stderr,
-        batch_size=batch_size,
-        max_elements=max_elements,
-        max_plate_nesting=max_plate_nesting,
+        model, guide, x, ks=(num_samples,), return_stderr=return_stderr, **options
     )
     return curve[num_samples]
 
@@ -328,35 +336,30 @@ def estimate_log_likelihood_curve(
     guide: PyroFunction,
     x: torch.Tensor,
     ks: Sequence[int] = (1, 10, 100, 1000, 5000),
-    chunk_size: int | None = None,
-    plate_name: str = "data",
-    return_stderr: bool = False,
     *,
+    return_stderr: bool = False,
+    plate_name: str = "data",
+    max_plate_nesting: int = 1,
+    chunk_size: int | None = None,
     batch_size: int | None = None,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
-    max_plate_nesting: int = 1,
 ) -> dict[int, torch.Tensor] | dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Estimate log p(x) for several numbers of importance samples from one set of draws.
 
     ``max(ks)`` draws are made per datapoint, once; the estimate for K uses the first K of
     them, exactly as :func:`estimate_log_likelihood` with ``num_samples=K`` would. This costs
     no more than the largest K alone, which is how a report of the IWAE bound for
-    K = 1, 10, ..., 5000 stays affordable. The estimates for different K are correlated.
-    For scale: K = 5000 over the 10,000 MNIST test images (decoder 20-400-400-784) is 5e7
-    decoder evaluations, about 18 CPU-core minutes in float32 in our measurements.
+    K = 1, 10, ..., 5000 stays affordable: the cost is ``max(ks)`` model and guide evaluations
+    per datapoint. The estimates for different K are correlated.
+
+    The keyword-only options other than ``return_stderr`` are described in the module notes.
 
     :param callable model: Pyro model ``model(x)``; see the module notes for the contract.
     :param callable guide: Pyro guide ``guide(x)``, the proposal.
     :param torch.Tensor x: data, shape ``(N, ...)``.
     :param ks: the numbers of importance samples to report, positive integers.
-    :param int chunk_size: draws per vectorized pass; default from ``max_elements``.
-    :param str plate_name: name of the plate over datapoints.
     :param bool return_stderr: also return delta-method standard errors (see
         :func:`estimate_log_likelihood`).
-    :param int batch_size: datapoints per vectorized pass; default from ``max_elements``.
-    :param int max_elements: memory budget of one pass, in elements of
-        ``chunk_size * batch_size * x[0].numel()``.
-    :param int max_plate_nesting: number of plates in the model and guide, data plate included.
     :returns: a dict mapping each K in ``ks`` (in increasing order) to the ``(N,)`` estimates,
         or to ``(estimate, stderr)`` pairs if ``return_stderr``.
 
@@ -373,29 +376,69 @@ def estimate_log_likelihood_curve(
     ([1, 10, 100], torch.Size([5]))
     """
     ks = _check_ks(ks)
-    num_samples = ks[-1]
-    x = _check_args(x, plate_name, max_elements, max_plate_nesting)
-    chunk_size, batch_size = _chunk_sizes(x, num_samples, chunk_size, batch_size, max_elements)
+    plan = _plan(x, ks[-1], plate_name, max_plate_nesting, chunk_size, batch_size, max_elements)
     results: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in ks}
     with torch.no_grad():
-        for x_batch in x.split(batch_size):
-            accumulators = {k: _RunningLogMeanExp() for k in ks}
-            offset = 0
-            for num in _chunks(num_samples, chunk_size):
-                log_lik, kl, _ = _evaluate(
-                    model, guide, x_batch, num, plate_name, max_plate_nesting, False
-                )
-                log_weights = log_lik - kl
-                for k, acc in accumulators.items():
-                    if k > offset:
-                        acc.update(log_weights[: k - offset])
-                offset += num
-            for k, acc in accumulators.items():
-                results[k].append(acc.result())
+        for x_batch in x.split(plan.batch_size):
+            for k, result in _importance_batch(model, guide, x_batch, ks, plan).items():
+                results[k].append(result)
     curve = {k: tuple(torch.cat(parts) for parts in zip(*results[k], strict=True)) for k in ks}
     if return_stderr:
         return curve
     return {k: estimate for k, (estimate, _) in curve.items()}
+
+
+def _importance_batch(
+    model: PyroFunction,
+    guide: PyroFunction,
+    x: torch.Tensor,
+    ks: tuple[int, ...],
+    plan: _Plan,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The IWAE estimates and standard errors of one batch of rows for every K in ``ks``: the
+    first K of ``max(ks)`` draws, made ``plan.chunk_size`` at a time."""
+    accumulators = {k: _RunningLogMeanExp() for k in ks}
+    offset = 0
+    for num in _chunks(ks[-1], plan.chunk_size):
+        log_lik, kl, _ = _trace_pass(model, guide, x, num, plan, False)
+        log_weights = log_lik - kl
+        for k, acc in accumulators.items():
+            if k > offset:
+                acc.update(log_weights[: k - offset])
+        offset += num
+    return {k: acc.result() for k, acc in accumulators.items()}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How the draws for ``x`` are split into vectorized passes, and the plates they run in."""
+
+    num_rows: int
+    plate_name: str
+    max_plate_nesting: int
+    chunk_size: int
+    batch_size: int
+
+
+def _plan(
+    x: torch.Tensor,
+    num: int,
+    plate_name: str,
+    max_plate_nesting: int,
+    chunk_size: int | None,
+    batch_size: int | None,
+    max_elements: int,
+) -> _Plan:
+    """Check the options of an estimator and choose the passes for ``num`` draws per row."""
+    _check_data(x)
+    check_int("max_elements", max_elements)
+    check_int("max_plate_nesting", max_plate_nesting)
+    if plate_name == PARTICLES_PLATE:
+        raise ValueError(
+            f"plate_name {PARTICLES_PLATE!r} is reserved for the draws; rename the data plate"
+        )
+    chunk_size, batch_size = _chunk_sizes(x, num, chunk_size, batch_size, max_elements)
+    return _Plan(x.shape[0], plate_name, max_plate_nesting, chunk_size, batch_size)
 
 
 @dataclass
@@ -408,13 +451,12 @@ class _Sites:
     missing_kl: dict[str, str]
 
 
-def _evaluate(
+def _trace_pass(
     model: PyroFunction,
     guide: PyroFunction,
     x: torch.Tensor,
     num_particles: int,
-    plate_name: str,
-    max_plate_nesting: int,
+    plan: _Plan,
     analytic_kl: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, _Sites]:
     """One vectorized pass: trace the guide under the particles plate, replay the model.
@@ -422,16 +464,12 @@ def _evaluate(
     :returns: ``log p(x|z)`` summed over observed sites and the KL term summed over latent
         sites (analytic or log q - log p), both of shape ``(num_particles, N)``, and the sites.
     """
-    dim = -(max_plate_nesting + 1)
-    particles = pyro.plate(PARTICLES_PLATE, num_particles, dim=dim)
-    guide_trace = poutine.trace(particles(guide)).get_trace(x)
-    particles = pyro.plate(PARTICLES_PLATE, num_particles, dim=dim)
-    model_trace = poutine.trace(poutine.replay(particles(model), trace=guide_trace)).get_trace(x)
+    model_trace, guide_trace = _traces(model, guide, x, num_particles, plan)
     guide_trace = prune_subsample_sites(guide_trace)
     model_trace = prune_subsample_sites(model_trace)
     guide_trace.compute_log_prob()
     model_trace.compute_log_prob()
-    _check_sites(model_trace, guide_trace, max_plate_nesting)
+    _check_sites(model_trace, guide_trace, plan.max_plate_nesting)
 
     shape = (num_particles, x.shape[0])
     log_lik = x.new_zeros(shape)
@@ -440,28 +478,106 @@ def _evaluate(
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample":
             continue
-        to_shape = _per_datapoint_reducer(site, plate_name, max_plate_nesting + 1, shape)
+        to_shape = _per_datapoint_reducer(site, plan.plate_name, plan.max_plate_nesting + 1, shape)
         if site["is_observed"]:
             log_lik = log_lik + to_shape(_unscaled_log_prob(site))
             sites.observed += (name,)
             continue
         guide_site = guide_trace.nodes[name]
+        kl_site = _analytic_kl(site, guide_site, log_lik) if analytic_kl else None
+        if kl_site is not None:
+            kl = kl + to_shape(kl_site)
+            sites.analytic += (name,)
+            continue
         if analytic_kl:
-            try:
-                kl_site = kl_divergence(guide_site["fn"], site["fn"])
-            except NotImplementedError:
-                p, q = type(site["fn"]).__name__, type(guide_site["fn"]).__name__
-                sites.missing_kl[name] = f"q is {q}, p is {p}"
-            else:
-                kl_site = scale_and_mask(kl_site, 1.0, guide_site["mask"])
-                if not torch.is_tensor(kl_site):
-                    kl_site = log_lik.new_tensor(kl_site)
-                kl = kl + to_shape(kl_site)
-                sites.analytic += (name,)
-                continue
+            p, q = type(site["fn"]).__name__, type(guide_site["fn"]).__name__
+            sites.missing_kl[name] = f"q is {q}, p is {p}"
         kl = kl + to_shape(_unscaled_log_prob(guide_site)) - to_shape(_unscaled_log_prob(site))
         sites.sampled += (name,)
     return log_lik, kl, sites
+
+
+def _traces(
+    model: PyroFunction, guide: PyroFunction, x: torch.Tensor, num_particles: int, plan: _Plan
+) -> tuple[poutine.Trace, poutine.Trace]:
+    """The model trace replayed against the guide trace, both under the particles plate."""
+    dim = -(plan.max_plate_nesting + 1)
+    particles = pyro.plate(PARTICLES_PLATE, num_particles, dim=dim)
+    with _contract_errors("guide(x)", x, num_particles, dim, plan):
+        guide_trace = poutine.trace(particles(guide)).get_trace(x)
+    particles = pyro.plate(PARTICLES_PLATE, num_particles, dim=dim)
+    replayed = poutine.replay(particles(model), trace=guide_trace)
+    with _contract_errors("model(x), replayed on the guide's draws,", x, num_particles, dim, plan):
+        model_trace = poutine.trace(replayed).get_trace(x)
+    return model_trace, guide_trace
+
+
+@contextlib.contextmanager
+def _contract_errors(
+    role: str, x: torch.Tensor, num_particles: int, dim: int, plan: _Plan
+) -> Iterator[None]:
+    """Re-raise a shape error of torch or Pyro inside the block as a :class:`ValueError` that
+    names the model/guide contract; every other error passes unchanged."""
+    try:
+        yield
+    except (RuntimeError, IndexError, ValueError) as error:
+        if not _is_shape_error(error):
+            raise
+        first_line = next(iter(str(error).splitlines()), "")
+        split = (
+            f"; to keep all rows in one slice, pass batch_size={plan.num_rows}"
+            if plan.batch_size < plan.num_rows
+            else ""
+        )
+        raise ValueError(
+            f"{role} failed on {x.shape[0]} rows of x inside pyro.plate({PARTICLES_PLATE!r}, "
+            f"{num_particles}, dim={dim}) ({type(error).__name__}: {first_line}). The estimators "
+            "need a model and guide that take any slice x[i:j] of the rows (size plates and "
+            "tensors from x.shape[0]) and broadcast over the particles dimension left of all "
+            "their plates (networks must take inputs with leading dims (K, N), as nn.Linear "
+            "does: broadcast or expand batch dims, never view or reshape them); see the "
+            f"contract in pyro_vae.estimators{split}"
+        ) from error
+
+
+def _is_shape_error(error: Exception) -> bool:
+    """Whether an error raised inside the model or guide is a shape (or device, or dtype)
+    error of torch or Pyro, which the contract explains; not one raised by this package, nor
+    a user's own :class:`ValueError` (both say what is wrong already), nor running out of
+    memory."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    package = module.partition(".")[0]
+    if package == "pyro_vae":
+        return False
+    if isinstance(error, ValueError):
+        return package == "pyro"
+    # Exactly these classes: NotImplementedError, RecursionError and torch.OutOfMemoryError
+    # derive from RuntimeError but are not shape errors.
+    return type(error) in (RuntimeError, IndexError)
+
+
+def _analytic_kl(site: dict, guide_site: dict, like: torch.Tensor) -> torch.Tensor | None:
+    """The closed-form KL(q || p) of one latent site, masked like the guide site (its scale is
+    ignored), or ``None`` when :func:`~torch.distributions.kl_divergence` has no rule."""
+    try:
+        kl = kl_divergence(guide_site["fn"], site["fn"])
+    except NotImplementedError:
+        return None
+    kl = scale_and_mask(kl, 1.0, guide_site["mask"])
+    return kl if torch.is_tensor(kl) else like.new_tensor(kl)
+
+
+def _warn_sampled_kl(missing_kl: dict[str, str]) -> None:
+    for name, reason in missing_kl.items():
+        warnings.warn(
+            f"no analytic KL for latent site {name!r} ({reason}); "
+            "using the Monte Carlo estimate log q(z|x) - log p(z) for it",
+            AnalyticKLWarning,
+            stacklevel=3,
+        )
 
 
 def _unscaled_log_prob(site: dict) -> torch.Tensor:
@@ -530,34 +646,18 @@ def _check_sites(model_trace, guide_trace, max_plate_nesting: int) -> None:
                     check_site_shape(site, max_plate_nesting + 1)
 
 
-def _check_args(
-    x: torch.Tensor, plate_name: str, max_elements: int, max_plate_nesting: int
-) -> torch.Tensor:
+def _check_data(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape (N, ...), got {type(x).__name__}")
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(f"x must have shape (N, ...) with N >= 1, got {tuple(x.shape)}")
-    _check_positive_int("max_elements", max_elements)
-    _check_positive_int("max_plate_nesting", max_plate_nesting)
-    if plate_name == PARTICLES_PLATE:
-        raise ValueError(
-            f"plate_name {PARTICLES_PLATE!r} is reserved for the draws; rename the data plate"
-        )
-    return x
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     ks = tuple(ks)
     if not ks:
         raise ValueError("ks must name at least one number of samples, got an empty sequence")
-    for k in ks:
-        _check_positive_int("every K in ks", k)
-    return tuple(sorted({int(k) for k in ks}))
+    return tuple(sorted({check_int("every K in ks", k) for k in ks}))
 
 
 def _chunk_sizes(
@@ -573,10 +673,10 @@ def _chunk_sizes(
     per_draw = x[0].numel() if x.dim() > 1 else 1
     if chunk_size is None:
         chunk_size = max(1, min(num, max_elements // (per_draw * (batch_size or 1))))
-    _check_positive_int("chunk_size", chunk_size)
+    chunk_size = check_int("chunk_size", chunk_size)
     if batch_size is None:
         batch_size = max(1, min(x.shape[0], max_elements // (per_draw * min(chunk_size, num))))
-    _check_positive_int("batch_size", batch_size)
+    batch_size = check_int("batch_size", batch_size)
     return min(chunk_size, num), batch_size
 
 
@@ -585,8 +685,15 @@ def _chunks(total: int, size: int) -> Iterator[int]:
         yield min(size, total - start)
 
 
-class _RunningMoments:
-    """Mean and variance over dim 0 of the chunks it is fed (Chan et al.'s pairwise update)."""
+class RunningMoments:
+    """Mean and variance over dim 0 of the chunks it is fed (Chan et al.'s pairwise update).
+
+    >>> moments = RunningMoments()
+    >>> for chunk in torch.arange(6.0).split(4):
+    ...     moments.update(chunk)
+    >>> moments.count, moments.mean.item(), moments.variance().item()
+    (6, 2.5, 3.5)
+    """
 
     def __init__(self):
         self.count = 0
@@ -594,6 +701,7 @@ class _RunningMoments:
         self.m2: torch.Tensor | float = 0.0
 
     def update(self, values: torch.Tensor) -> None:
+        """Add the rows of ``values`` (shape ``(n, ...)``, n >= 1) to the statistics."""
         n = values.shape[0]
         mean = values.mean(0)
         m2 = ((values - mean) ** 2).sum(0)
@@ -603,11 +711,15 @@ class _RunningMoments:
         self.m2 = self.m2 + m2 + delta**2 * (self.count * n / total)
         self.count = total
 
-    def stderr(self) -> torch.Tensor:
-        """Standard error of the mean; NaN from a single value."""
+    def variance(self) -> torch.Tensor:
+        """The unbiased sample variance; NaN from a single value."""
         if self.count < 2:
             return torch.full_like(self.mean, math.nan)
-        return (self.m2 / (self.count - 1) / self.count).sqrt()
+        return self.m2 / (self.count - 1)
+
+    def stderr(self) -> torch.Tensor:
+        """Standard error of the mean; NaN from a single value."""
+        return (self.variance() / self.count).sqrt()
 
 
 class _RunningLogMeanExp:

@@ -1,19 +1,20 @@
 """Evaluate a trained run: ELBO (Monte Carlo and analytic KL), log p(x), bits/dim, active units.
 
 :func:`evaluate_vae` does the work on a data tensor; :func:`evaluate_run` reads the run folder,
-loads the split its config describes and adds what was evaluated to the result, which is a plain
-dict ready for ``json.dumps`` (``pyro-vae evaluate`` writes it to ``evaluation.json``).
+loads the split its config describes and adds what was evaluated. Both return an
+:class:`Evaluation`, whose :meth:`~Evaluation.as_dict` is plain JSON (``pyro-vae evaluate``
+writes it to ``evaluation.json``, see :mod:`pyro_vae.report`).
 
 **Which data.** The test split of binarized data is binarized once with a fixed seed by
 :func:`~pyro_vae.data.load_dataset`. The training split of a dynamically binarized run holds grey
-levels, so it is binarized here once with another fixed seed (:data:`TRAIN_BINARIZATION_SEED`,
-a private :class:`torch.Generator`), and every evaluation of it sees the same binary images.
+levels; :func:`~pyro_vae.data.select_split` binarizes it once with another fixed seed, so every
+evaluation of it sees the same binary images.
 
 **Cost.** Everything is dominated by the importance-weighted log p(x): ``num_samples`` decoder
 passes per datapoint, drawn once for all the reported K (see
 :func:`~pyro_vae.estimators.estimate_log_likelihood_curve`). The estimators run with Pyro's
-validation off, which saves about a tenth of the time. Memory stays near the estimators'
-per-pass budget whatever the number of datapoints, because they chunk draws and datapoints.
+validation off, for speed. Memory stays near the estimators' per-pass budget whatever the
+number of datapoints, because they chunk draws and datapoints.
 
 References:
 
@@ -23,28 +24,32 @@ References:
 
 from __future__ import annotations
 
-import json
+import ctypes
+import dataclasses
 import math
 import resource
 import sys
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
 import torch
 
-from pyro_vae.config import Config
-from pyro_vae.data import Dataset
-from pyro_vae.estimators import ELBOTerms, estimate_elbo_terms, estimate_log_likelihood_curve
-from pyro_vae.guides import has_analytic_kl
-from pyro_vae.runs import Run, atomic_write_text, load_run, load_run_dataset
-from pyro_vae.train import resolve_binarize, resolve_device
+from pyro_vae.checks import check_choice, check_int
+from pyro_vae.config import model_summary
+from pyro_vae.data import SPLITS, Dataset, resolve_binarize, select_split
+from pyro_vae.devices import fork_rng, resolve_device
+from pyro_vae.estimators import (
+    AnalyticKLWarning,
+    ELBOTerms,
+    estimate_elbo_terms,
+    estimate_log_likelihood_curve,
+)
+from pyro_vae.runs import Run, load_run, load_run_dataset
 from pyro_vae.vae import VAE
-
-#: Where ``pyro-vae evaluate`` writes its results, inside the run folder.
-EVALUATION_FILE = "evaluation.json"
 
 #: The numbers of importance samples always reported (those not above ``num_samples``).
 DEFAULT_KS = (1, 10, 100, 1000)
@@ -52,12 +57,55 @@ DEFAULT_KS = (1, 10, 100, 1000)
 #: A latent dimension is active when the variance over the data of E_q[z_d] exceeds this.
 ACTIVE_UNIT_THRESHOLD = 0.01
 
-#: Seed of the one-off binarization of a dynamically binarized training split.
-TRAIN_BINARIZATION_SEED = 2
+#: mallopt's parameter number for the mmap threshold (glibc's malloc.h).
+M_MMAP_THRESHOLD = -3
 
-SPLITS = ("test", "train")
+#: The fields of an :class:`Evaluation` that say what was evaluated (set by evaluate_run).
+RUN_FIELDS = ("run_dir", "dataset", "split", "binarize", "model")
 
-_NO_ANALYTIC_KL = "no analytic KL"
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The results of :func:`evaluate_vae` (every number per datapoint, in nats) and, from
+    :func:`evaluate_run`, what was evaluated.
+
+    The fields are described in :func:`evaluate_vae`; the nested ones are plain dicts and lists
+    of JSON values. :meth:`as_dict` gives the whole result as ``evaluation.json`` holds it.
+
+    :ivar run_dir: the run folder (``None`` from :func:`evaluate_vae`).
+    :ivar dataset: its data set.
+    :ivar split: ``"test"`` or ``"train"``.
+    :ivar binarize: the binarization of the data.
+    :ivar model: :func:`~pyro_vae.config.model_summary` of its config and ``epochs`` trained.
+    """
+
+    num_datapoints: int
+    data_dim: int
+    seed: int
+    num_samples: int
+    elbo: dict
+    analytic_kl_available: bool
+    reconstruction: float
+    kl: float
+    log_likelihood: list[dict]
+    bits_per_dim: float
+    bits_per_dim_k: int
+    active_units: dict
+    note: str | None
+    seconds: dict
+    peak_memory_mb: float
+    run_dir: str | None = None
+    dataset: str | None = None
+    split: str | None = None
+    binarize: str | None = None
+    model: dict | None = None
+
+    def as_dict(self) -> dict:
+        """The result as plain JSON values: what was evaluated first (when known), then the
+        numbers."""
+        values = dataclasses.asdict(self)
+        run = {name: values.pop(name) for name in RUN_FIELDS}
+        return values if self.run_dir is None else {**run, **values}
 
 
 def evaluate_run(
@@ -71,13 +119,13 @@ def evaluate_run(
     seed: int = 0,
     limit: int | None = None,
     num_elbo_particles: int = 10,
-) -> dict:
+) -> Evaluation:
     """Evaluate a trained run on one split of its data set (see :func:`evaluate_vae`).
 
     :param run: a :class:`~pyro_vae.runs.Run` or the path of a run folder.
     :param x: the data to evaluate: a ``(N, data_dim)`` tensor (used as it is), a
         :class:`~pyro_vae.data.Dataset` (its ``split`` is taken), or ``None`` to load the run's
-        data set as its config says (data set, binarization, ``data_dir``).
+        data set as its config says (see :func:`~pyro_vae.runs.load_run_dataset`).
     :param int num_samples: importance samples K per datapoint for log p(x).
     :param str split: ``"test"`` or ``"train"``.
     :param data_dir: overrides the run's ``data_dir`` when loading the data.
@@ -85,40 +133,33 @@ def evaluate_run(
     :param int seed: seed of the random draws; the same seed gives the same numbers.
     :param int limit: evaluate only the first ``limit`` datapoints.
     :param int num_elbo_particles: draws per datapoint of each ELBO estimator.
-    :returns: the dict of :func:`evaluate_vae` with the run's path, data set, split,
-        binarization and model description added.
+    :returns: the :class:`Evaluation`, with the run's path, data set, split, binarization and
+        model description.
 
     >>> result = evaluate_run("runs/mnist", num_samples=5000)  # doctest: +SKIP
     >>> print(format_evaluation(result))  # doctest: +SKIP
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
+    check_choice("split", split, SPLITS)
     if limit is not None:
-        _check_positive_int("limit", limit)
+        check_int("limit", limit)
     run = as_run(run, device)
-    config = run.config
     parameter = next(run.vae.parameters())
     if x is None:
-        config.binarize = resolve_binarize(config.binarize, run.vae.likelihood)
-        x = load_run_dataset(config, data_dir)
+        x = load_run_dataset(run.config, data_dir, likelihood=run.vae.likelihood)
     if isinstance(x, Dataset):
         x = select_split(x, split)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, a Dataset or None, got {type(x).__name__}")
-    if limit is not None:
-        x = x[:limit]
-    x = x.to(device=parameter.device, dtype=parameter.dtype)
-    result = {
-        "run_dir": str(run.path),
-        "dataset": config.dataset,
-        "split": split,
-        "binarize": resolve_binarize(config.binarize, run.vae.likelihood),
-        "model": {**model_summary(config), "epochs": run.checkpoint.get("epoch")},
-    }
-    result.update(
-        evaluate_vae(run.vae, x, num_samples, seed=seed, num_elbo_particles=num_elbo_particles)
+    x = x[:limit].to(device=parameter.device, dtype=parameter.dtype)
+    result = evaluate_vae(run.vae, x, num_samples, seed=seed, num_elbo_particles=num_elbo_particles)
+    return dataclasses.replace(
+        result,
+        run_dir=str(run.path),
+        dataset=run.config.dataset,
+        split=split,
+        binarize=resolve_binarize(run.config.binarize, run.vae.likelihood),
+        model={**model_summary(run.config), "epochs": run.checkpoint.get("epoch")},
     )
-    return result
 
 
 def as_run(run: Run | str | Path, device: str | torch.device | None = None) -> Run:
@@ -129,32 +170,10 @@ def as_run(run: Run | str | Path, device: str | torch.device | None = None) -> R
     """
     if isinstance(run, Run):
         if device is not None:
-            run.vae.to(resolve_device(str(device)))
+            run.vae.to(resolve_device(device))
         return run
-    with torch.random.fork_rng(devices=[]):
-        return load_run(run, device=resolve_device(str(device or "cpu")))
-
-
-def select_split(dataset: Dataset, split: str) -> torch.Tensor:
-    """The rows of one split, binarized as an evaluation needs them.
-
-    A dynamically binarized data set keeps grey levels in ``train_x``; they are binarized here
-    with a private generator seeded with :data:`TRAIN_BINARIZATION_SEED`, so the numbers repeat.
-
-    :param Dataset dataset: from :func:`~pyro_vae.data.load_dataset`.
-    :param str split: ``"test"`` or ``"train"``.
-    :returns: the ``(N, data_dim)`` data, on the data set's device.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
-    if split == "test":
-        return dataset.test_x
-    x = dataset.train_x
-    if dataset.binarize == "dynamic":
-        # On the CPU, so that the binary images do not depend on the device.
-        generator = torch.Generator().manual_seed(TRAIN_BINARIZATION_SEED)
-        x = torch.bernoulli(x.cpu(), generator=generator).to(x.device)
-    return x
+    with fork_rng():
+        return load_run(run, device=resolve_device(device or "cpu"))
 
 
 def evaluate_vae(
@@ -166,7 +185,7 @@ def evaluate_vae(
     num_elbo_particles: int = 10,
     ks: Sequence[int] = DEFAULT_KS,
     active_threshold: float = ACTIVE_UNIT_THRESHOLD,
-) -> dict:
+) -> Evaluation:
     """Evaluate a VAE on the datapoints ``x``; every number is per datapoint, in nats.
 
     - ``elbo``: the Monte Carlo estimator (log p(x, z) - log q(z|x)) and the analytic-KL
@@ -184,7 +203,7 @@ def evaluate_vae(
       ``num_samples``, all from one set of ``num_samples`` importance samples: ``mean``,
       ``stderr`` (over datapoints), ``mc_stderr_mean`` (mean of the per-datapoint
       delta-method Monte Carlo standard errors) and ``mc_stderr`` (their root mean square over
-      sqrt(N), the Monte Carlo standard error of ``mean``); ``null`` where undefined (K = 1).
+      sqrt(N), the Monte Carlo standard error of ``mean``); ``None`` where undefined (K = 1).
     - ``bits_per_dim``: -log p(x) / (D ln 2) at the largest K; for a likelihood of continuous
       data log p(x) is a density and ``note`` says so.
     - ``active_units``: ``count`` of latent dimensions d with Var_x(E_q[z_d | x]) above
@@ -201,21 +220,21 @@ def evaluate_vae(
     :param int num_elbo_particles: draws per datapoint of each ELBO estimator.
     :param ks: further numbers of importance samples to report.
     :param float active_threshold: variance threshold of an active unit.
-    :returns: the results, a dict of plain numbers, strings and lists.
+    :returns: the :class:`Evaluation` (without what was evaluated: that is
+        :func:`evaluate_run`'s).
 
     References:
 
     [1] `Importance Weighted Autoencoders`, Yuri Burda, Roger Grosse, Ruslan Salakhutdinov
         (ICLR 2016).
     """
-    _check_positive_int("num_samples", num_samples)
-    _check_positive_int("num_elbo_particles", num_elbo_particles)
+    check_int("num_samples", num_samples)
+    check_int("num_elbo_particles", num_elbo_particles)
     vae.check_input(x)
     ks = sorted({k for k in ks if k <= num_samples} | {num_samples})
     times = [time.perf_counter()]
-    devices = [x.device] if x.device.type == "cuda" else []
     # The estimators ignore the KL weight (vae.kl_scale): these are beta = 1 numbers.
-    with torch.random.fork_rng(devices), pyro.validation_enabled(False):
+    with fork_rng(x.device), pyro.validation_enabled(False):
         torch.manual_seed(seed)
         elbos = _evaluate_elbos(vae, x, num_elbo_particles)
         times.append(time.perf_counter())
@@ -235,20 +254,20 @@ def evaluate_vae(
             f"likelihood {vae.likelihood.name!r} is a density on continuous data, so log p(x) "
             "and bits/dim are not comparable with those of discrete (binarized) data"
         )
-    return {
-        "num_datapoints": x.shape[0],
-        "data_dim": data_dim,
-        "seed": seed,
-        "num_samples": num_samples,
+    return Evaluation(
+        num_datapoints=x.shape[0],
+        data_dim=data_dim,
+        seed=seed,
+        num_samples=num_samples,
         **elbos,
-        "log_likelihood": log_likelihood,
-        "bits_per_dim": -best["mean"] / (data_dim * math.log(2)),
-        "bits_per_dim_k": best["k"],
-        "active_units": active,
-        "note": " ".join(notes) or None,
-        "seconds": seconds,
-        "peak_memory_mb": peak_memory_mb(),
-    }
+        log_likelihood=log_likelihood,
+        bits_per_dim=-best["mean"] / (data_dim * math.log(2)),
+        bits_per_dim_k=best["k"],
+        active_units=active,
+        note=" ".join(notes) or None,
+        seconds=seconds,
+        peak_memory_mb=peak_memory_mb(),
+    )
 
 
 def _evaluate_elbos(vae: VAE, x: torch.Tensor, num_particles: int) -> dict:
@@ -256,7 +275,7 @@ def _evaluate_elbos(vae: VAE, x: torch.Tensor, num_particles: int) -> dict:
     mc = estimate_elbo_terms(vae.model, vae.guide, x, False, num_particles)
     with warnings.catch_warnings():
         # Reported in the result instead, with the analytic and sampled sites.
-        warnings.filterwarnings("ignore", message=_NO_ANALYTIC_KL, category=UserWarning)
+        warnings.simplefilter("ignore", AnalyticKLWarning)
         analytic = estimate_elbo_terms(vae.model, vae.guide, x, True, num_particles)
     result = {
         "elbo": {
@@ -273,21 +292,31 @@ def _evaluate_elbos(vae: VAE, x: torch.Tensor, num_particles: int) -> dict:
         "kl": analytic.kl.mean().item(),
     }
     if analytic.sampled_sites:
-        result["note"] = (
-            f"{_NO_ANALYTIC_KL} for latent site(s) {list(analytic.sampled_sites)} with prior "
-            f"{type(vae.prior).__name__} and guide {type(vae.guide_family).__name__}: the "
-            "'analytic_kl' ELBO samples the KL there (log q - log p), like the Monte Carlo one."
-        )
+        result["note"] = no_analytic_kl_note(vae, analytic.sampled_sites)
     return result
+
+
+def no_analytic_kl_note(vae: VAE, sites: Sequence[str]) -> str:
+    """The plain statement that some KL terms of a VAE have no closed form, for reports.
+
+    :param VAE vae: the model.
+    :param sites: the latent sites whose KL is sampled (see
+        :func:`~pyro_vae.estimators.sampled_kl_sites`).
+    """
+    return (
+        f"no analytic KL for latent site(s) {list(sites)}: KL(q(z|x) || p(z)) has no closed "
+        f"form for prior {type(vae.prior).__name__} and guide {type(vae.guide_family).__name__}, "
+        "so the analytic-KL estimator (TraceMeanField_ELBO) samples it there "
+        "(log q - log p at the drawn z), like the Monte Carlo estimator: any difference "
+        "between the two is sampling noise."
+    )
 
 
 def _elbo_summary(terms: ELBOTerms) -> dict:
     return {
         "mean": terms.elbo.mean().item(),
         "stderr": _stderr(terms.elbo),
-        "mc_stderr": _finite_or_none(
-            terms.stderr.pow(2).mean().sqrt() / math.sqrt(len(terms.elbo))
-        ),
+        "mc_stderr": finite_or_none(terms.stderr.pow(2).mean().sqrt() / math.sqrt(len(terms.elbo))),
         "reconstruction": terms.reconstruction.mean().item(),
         "kl": terms.kl.mean().item(),
         "analytic_sites": list(terms.analytic_sites),
@@ -300,8 +329,8 @@ def _log_likelihood_row(k: int, estimate: torch.Tensor, stderr: torch.Tensor) ->
         "k": k,
         "mean": estimate.mean().item(),
         "stderr": _stderr(estimate),
-        "mc_stderr_mean": _finite_or_none(stderr.mean()),
-        "mc_stderr": _finite_or_none(stderr.pow(2).mean().sqrt() / math.sqrt(len(stderr))),
+        "mc_stderr_mean": finite_or_none(stderr.mean()),
+        "mc_stderr": finite_or_none(stderr.pow(2).mean().sqrt() / math.sqrt(len(stderr))),
     }
 
 
@@ -368,30 +397,6 @@ def _has_mean(q: torch.distributions.Distribution) -> bool:
     return True
 
 
-def analytic_kl_available(vae: VAE, x: torch.Tensor) -> bool:
-    """Whether KL(q(z|x) || p(z)) of this VAE has a closed form (see
-    :func:`~pyro_vae.guides.has_analytic_kl`).
-
-    :param VAE vae: the model.
-    :param torch.Tensor x: at least one datapoint, to build q(z|x).
-    """
-    with torch.no_grad():
-        return has_analytic_kl(vae.encode(x[:1]), vae.prior())
-
-
-def model_summary(config: Config) -> dict:
-    """The model fields of a run's config that reports print."""
-    return {
-        "dataset": config.dataset,
-        "prior": config.prior,
-        "likelihood": config.likelihood,
-        "guide": config.guide,
-        "latent_dim": config.latent_dim,
-        "hidden_dims": list(config.hidden_dims),
-        "trained_with_elbo": config.elbo,
-    }
-
-
 def peak_memory_mb() -> float:
     """Peak resident memory of this process so far, in MB (``ru_maxrss``)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -399,99 +404,33 @@ def peak_memory_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def evaluation_file(split: str = "test", limit: int | None = None) -> str:
-    """``evaluation.json`` for a whole test split; other splits and ``limit`` get their own
-    names, so a quick look never overwrites the full evaluation."""
-    stem = EVALUATION_FILE.removesuffix(".json")
-    suffix = ("" if split == "test" else f"-{split}") + ("" if limit is None else f"-first{limit}")
-    return f"{stem}{suffix}.json"
+def fix_malloc_threshold() -> bool:
+    """Stop glibc's heap from fragmenting under the estimators' allocation pattern.
 
+    glibc raises its mmap threshold each time a large block is freed, after which the
+    estimators' tensors of a few MB come from a heap that fragments and keeps growing over a
+    long evaluation; a fixed threshold (setting it turns the dynamic adjustment off) keeps
+    memory flat. This changes the whole process, so the library never calls it: the
+    ``pyro-vae`` command line does, and so can a script before a long :func:`evaluate_run`
+    (or set ``MALLOC_MMAP_THRESHOLD_=67108864`` in the environment).
 
-def write_evaluation(run_dir: str | Path, result: dict, name: str = EVALUATION_FILE) -> Path:
-    """Write ``result`` to ``run_dir/name`` atomically; returns the path."""
-    path = Path(run_dir) / name
-    atomic_write_text(path, dumps_json(result))
-    return path
-
-
-def dumps_json(result: dict) -> str:
-    """Strict JSON text of a result: NaN and infinite numbers (a diverged model) become null."""
-
-    def clean(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [clean(v) for v in value]
-        return value
-
-    return json.dumps(clean(result), indent=2, allow_nan=False) + "\n"
-
-
-def format_evaluation(result: dict) -> str:
-    """The results of :func:`evaluate_vae` as an aligned plain-text table."""
-    n = result["num_datapoints"]
-    rows = [("quantity", "mean", "stderr", "MC stderr")]
-    for name, label in (("monte_carlo", "ELBO, Monte Carlo"), ("analytic_kl", "ELBO, analytic KL")):
-        e = result["elbo"][name]
-        rows.append((label, _fmt(e["mean"]), _fmt(e["stderr"]), _fmt(e["mc_stderr"])))
-    rows.append(("reconstruction E_q log p(x|z)", _fmt(result["reconstruction"]), "", ""))
-    rows.append(("KL(q(z|x) || p(z))", _fmt(result["kl"]), "", ""))
-    for row in result["log_likelihood"]:
-        rows.append(
-            (
-                f"log p(x), K={row['k']}",
-                _fmt(row["mean"]),
-                _fmt(row["stderr"]),
-                _fmt(row["mc_stderr"]),
-            )
-        )
-    rows.append(
-        (f"bits/dim (K={result['bits_per_dim_k']})", _fmt(result["bits_per_dim"], 4), "", "")
-    )
-    active = result["active_units"]
-    rows.append(
-        (
-            f"active units (var > {active['threshold']})",
-            f"{active['count']}/{len(active['variances'])}",
-            "",
-            "",
-        )
-    )
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [
-        f"{result.get('dataset', 'data')} {result.get('split', '')} split, N={n}, "
-        f"nats per datapoint, stderr over datapoints"
-    ]
-    for i, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
-        lines.append("  ".join(cells).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    seconds = result["seconds"]["total"]
-    lines.append(f"{seconds:.1f} s, peak memory {result['peak_memory_mb']:.0f} MB")
-    if result.get("note"):
-        lines.append(f"note: {result['note']}")
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+    :returns: whether it was applied (on glibc only).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return libc.mallopt(M_MMAP_THRESHOLD, 64 * 2**20) == 1
 
 
 def _stderr(values: torch.Tensor) -> float | None:
     """Standard deviation over datapoints over sqrt(N); ``None`` for one datapoint."""
     if len(values) < 2:
         return None
-    return _finite_or_none(values.std() / math.sqrt(len(values)))
+    return finite_or_none(values.std() / math.sqrt(len(values)))
 
 
-def _finite_or_none(value: torch.Tensor | float) -> float | None:
+def finite_or_none(value: torch.Tensor | float) -> float | None:
+    """``value`` as a float for a result, or ``None`` where it is NaN or infinite."""
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -9,16 +9,20 @@ and gives the mean image used for reconstructions and samples.
 
 from __future__ import annotations
 
-import math
-
 import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.distributions import constraints
-from torch.distributions.utils import broadcast_all
 from torch.nn import functional as F
 
-from pyro_vae.parts import Part
+from pyro_vae.checks import check_choice, check_positive
+from pyro_vae.distributions import (
+    DiscretizedLogisticDistribution,
+    QuantizedUnitInterval,
+    inverse_positive_scale,
+    positive_scale,
+)
+from pyro_vae.parts import Part, check_options
 
 
 class Likelihood(Part):
@@ -76,12 +80,6 @@ class Likelihood(Part):
             )
 
 
-def _check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
-
-
 class Bernoulli(Likelihood):
     """Independent Bernoulli pixels with logits from the decoder, for binary data.
 
@@ -92,7 +90,10 @@ class Bernoulli(Likelihood):
 
     support = constraints.boolean
     support_text = "{0, 1}"
-    support_hint = "binarize the data (--binarize dynamic or static) or use continuous_bernoulli"
+    support_hint = (
+        "binarize the data (set config.binarize to 'dynamic' or 'static') or use "
+        "continuous_bernoulli"
+    )
 
     def forward(self, decoder_output: torch.Tensor) -> dist.TorchDistribution:
         return dist.Bernoulli(logits=decoder_output).to_event(1)
@@ -124,29 +125,44 @@ class ContinuousBernoulli(Likelihood):
         return dist.ContinuousBernoulli(logits=decoder_output).to_event(1)
 
 
-class Normal(Likelihood):
+class FixedScaleLikelihood(Likelihood):
+    """Independent pixels of a location-scale :attr:`distribution` located at the decoder's
+    output, with one fixed scale; a subclass names the distribution.
+
+    :param int data_dim: number of features per datapoint.
+    :param float scale: the fixed scale of every pixel.
+    """
+
+    #: The location-scale family, called as ``distribution(loc, scale)``.
+    distribution: type[dist.TorchDistribution]
+
+    def __init__(self, data_dim: int, scale: float = 0.1):
+        super().__init__(data_dim)
+        self.scale = check_positive(f"{self.name} likelihood scale", scale)
+
+    def forward(self, decoder_output: torch.Tensor) -> dist.TorchDistribution:
+        return self.distribution(decoder_output, self.scale).to_event(1)
+
+    def mean(self, decoder_output: torch.Tensor) -> torch.Tensor:
+        return decoder_output
+
+
+class Normal(FixedScaleLikelihood):
     """Independent Gaussian pixels with the decoder's mean and a fixed scale.
 
     :param int data_dim: number of features per datapoint.
     :param float scale: the fixed standard deviation of every pixel.
     """
 
-    def __init__(self, data_dim: int, scale: float = 0.1):
-        super().__init__(data_dim)
-        self.scale = _check_positive("normal likelihood scale", scale)
-
-    def forward(self, decoder_output: torch.Tensor) -> dist.TorchDistribution:
-        return dist.Normal(decoder_output, self.scale).to_event(1)
-
-    def mean(self, decoder_output: torch.Tensor) -> torch.Tensor:
-        return decoder_output
+    distribution = dist.Normal
 
 
 class LearnedNormal(Likelihood):
     """Independent Gaussian pixels with the decoder's mean and a learned scale that does not
     depend on z: one scale per pixel (``per_pixel=True``) or one for all pixels.
 
-    The scale is ``softplus(raw_scale) + min_scale``. The floor matters: on data with pixels
+    The scale is ``softplus(raw_scale) + min_scale``
+    (:func:`~pyro_vae.distributions.positive_scale`). The floor matters: on data with pixels
     that are constant across the data set (the black border of MNIST) the maximum-likelihood
     scale of those pixels is 0 and the density, hence the ELBO, would grow without bound. The
     default floor is about the standard deviation of the rounding error of 8-bit images
@@ -171,8 +187,8 @@ class LearnedNormal(Likelihood):
         min_scale: float = 1e-3,
     ):
         super().__init__(data_dim)
-        min_scale = _check_positive("learned_normal likelihood min_scale", min_scale)
-        init_scale = _check_positive("learned_normal likelihood init_scale", init_scale)
+        min_scale = check_positive("learned_normal likelihood min_scale", min_scale)
+        init_scale = check_positive("learned_normal likelihood init_scale", init_scale)
         if not init_scale > min_scale:
             raise ValueError(
                 f"learned_normal likelihood init_scale must exceed min_scale={min_scale}, "
@@ -180,22 +196,19 @@ class LearnedNormal(Likelihood):
             )
         self.per_pixel = bool(per_pixel)
         self.min_scale = min_scale
-        raw = math.log(math.expm1(init_scale - min_scale))
+        raw = inverse_positive_scale(init_scale, min_scale)
         self.raw_scale = nn.Parameter(torch.full((data_dim if per_pixel else 1,), raw))
 
     @property
     def scale(self) -> torch.Tensor:
         """The current scale, of shape ``(data_dim,)`` or ``(1,)``."""
-        return F.softplus(self.raw_scale) + self.min_scale
+        return positive_scale(self.raw_scale, self.min_scale)
 
     def forward(self, decoder_output: torch.Tensor) -> dist.TorchDistribution:
         return dist.Normal(decoder_output, self.scale).to_event(1)
 
-    def mean(self, decoder_output: torch.Tensor) -> torch.Tensor:
-        return decoder_output
 
-
-class Laplace(Likelihood):
+class Laplace(FixedScaleLikelihood):
     """Independent Laplace pixels with the decoder's location and a fixed scale: the
     probabilistic form of an L1 reconstruction loss, less sensitive to outlying pixels than
     the Gaussian.
@@ -204,148 +217,7 @@ class Laplace(Likelihood):
     :param float scale: the fixed scale b of every pixel (the standard deviation is b * sqrt(2)).
     """
 
-    def __init__(self, data_dim: int, scale: float = 0.1):
-        super().__init__(data_dim)
-        self.scale = _check_positive("laplace likelihood scale", scale)
-
-    def forward(self, decoder_output: torch.Tensor) -> dist.TorchDistribution:
-        return dist.Laplace(decoder_output, self.scale).to_event(1)
-
-    def mean(self, decoder_output: torch.Tensor) -> torch.Tensor:
-        return decoder_output
-
-
-class QuantizedUnitInterval(constraints.Constraint):
-    """The values k / (num_levels - 1), k = 0, ..., num_levels - 1: pixel intensities with
-    ``num_levels`` levels (256 for 8-bit images) divided by their maximum.
-
-    :param int num_levels: number of levels.
-    """
-
-    is_discrete = True
-    event_dim = 0
-
-    def __init__(self, num_levels: int = 256):
-        self.num_levels = num_levels
-        super().__init__()
-
-    def check(self, value: torch.Tensor) -> torch.Tensor:
-        level = value * (self.num_levels - 1)
-        # Tolerance in units of one level: k / 255 in float32 is off by ~1e-5 levels at most.
-        on_grid = (level - level.round()).abs() < 1e-3
-        return (value >= 0) & (value <= 1) & on_grid
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_levels={self.num_levels})"
-
-
-def _log1mexp(d: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(d)) for d < 0, accurate for d near 0 and for very negative d."""
-    d = d.clamp(max=-torch.finfo(d.dtype).tiny)
-    return torch.where(d > -math.log(2), torch.log(-torch.expm1(d)), torch.log1p(-torch.exp(d)))
-
-
-class DiscretizedLogisticDistribution(dist.TorchDistribution):
-    """A logistic distribution with location ``loc`` and scale ``scale`` whose mass is gathered
-    into ``num_levels`` equally spaced bins centred on k / (num_levels - 1) in [0, 1]; the first
-    and last bins extend to -inf and +inf.
-
-    Bin masses are differences of logistic CDFs, computed as log-sigmoid differences taken in
-    whichever tail keeps both sigmoids small, so that masses far below float precision
-    (e.g. 1e-40) still have an accurate log. When a bin is narrow compared to the scale
-    (width / scale < 1e-2), where that difference would cancel, the mass is the density at the
-    bin centre times the width (relative error below 1e-5).
-
-    :param torch.Tensor loc: location, on the [0, 1] scale of the data.
-    :param torch.Tensor scale: scale (positive).
-    :param int num_levels: number of bins (256 for 8-bit data).
-
-    References:
-
-    [1] `PixelCNN++: Improving the PixelCNN with Discretized Logistic Mixture Likelihood and
-        Other Modifications`, Tim Salimans, Andrej Karpathy, Xi Chen, Diederik P. Kingma
-        (ICLR 2017).
-    [2] `Improved Variational Inference with Inverse Autoregressive Flow`, Diederik P. Kingma,
-        Tim Salimans, Rafal Jozefowicz, Xi Chen, Ilya Sutskever, Max Welling (NeurIPS 2016).
-    """
-
-    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
-    has_rsample = False
-    #: Bins narrower than this many scales use the midpoint rule (see the class docstring).
-    narrow_bin = 1e-2
-
-    def __init__(
-        self,
-        loc: torch.Tensor,
-        scale: torch.Tensor,
-        num_levels: int = 256,
-        validate_args: bool | None = None,
-    ):
-        if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
-            raise ValueError(f"num_levels must be an int >= 2, got {num_levels!r}")
-        self.loc, self.scale = broadcast_all(loc, scale)
-        self.num_levels = num_levels
-        super().__init__(self.loc.shape, validate_args=validate_args)
-
-    @constraints.dependent_property(is_discrete=True, event_dim=0)
-    def support(self) -> constraints.Constraint:
-        return QuantizedUnitInterval(self.num_levels)
-
-    @property
-    def bin_width(self) -> float:
-        return 1.0 / (self.num_levels - 1)
-
-    def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(DiscretizedLogisticDistribution, _instance)
-        batch_shape = torch.Size(batch_shape)
-        new.loc = self.loc.expand(batch_shape)
-        new.scale = self.scale.expand(batch_shape)
-        new.num_levels = self.num_levels
-        super(DiscretizedLogisticDistribution, new).__init__(batch_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        half = 0.5 * self.bin_width
-        centred = (value - self.loc) / self.scale
-        upper = centred + half / self.scale
-        lower = centred - half / self.scale
-        # sigmoid(upper) - sigmoid(lower) == sigmoid(-lower) - sigmoid(-upper): use the form
-        # whose arguments are mostly negative, where log-sigmoid keeps full relative precision.
-        flip = centred > 0
-        a = torch.where(flip, -lower, upper)
-        b = torch.where(flip, -upper, lower)
-        log_sig_a = F.logsigmoid(a)
-        interior = log_sig_a + _log1mexp(F.logsigmoid(b) - log_sig_a)
-        log_density = F.logsigmoid(centred) + F.logsigmoid(-centred) - self.scale.log()
-        midpoint = log_density + math.log(self.bin_width)
-        narrow = self.bin_width / self.scale < self.narrow_bin
-        interior = torch.where(narrow | ~torch.isfinite(interior), midpoint, interior)
-        first = value < half
-        last = value > 1 - half
-        log_p = torch.where(first, F.logsigmoid(upper), interior)
-        return torch.where(last, F.logsigmoid(-lower), log_p)
-
-    def sample(self, sample_shape: torch.Size | tuple = ()) -> torch.Tensor:
-        shape = self._extended_shape(sample_shape)
-        with torch.no_grad():
-            u = torch.rand(shape, dtype=self.loc.dtype, device=self.loc.device)
-            u = u.clamp(torch.finfo(u.dtype).tiny, 1 - torch.finfo(u.dtype).eps)
-            y = self.loc + self.scale * (u.log() - (-u).log1p())
-            levels = self.num_levels - 1
-            return (y.clamp(0, 1) * levels).round() / levels
-
-    @property
-    def mean(self) -> torch.Tensor:
-        # E[x] = width * sum_k P(x >= k * width), k = 1 .. num_levels - 1; a loop over levels
-        # keeps the memory at one batch of pixels.
-        half = 0.5 * self.bin_width
-        total = torch.zeros_like(self.loc)
-        for k in range(1, self.num_levels):
-            total = total + torch.sigmoid((self.loc - (k * self.bin_width - half)) / self.scale)
-        return total * self.bin_width
+    distribution = dist.Laplace
 
 
 class DiscretizedLogistic(Likelihood):
@@ -363,13 +235,8 @@ class DiscretizedLogistic(Likelihood):
     :param int data_dim: number of features per datapoint.
     :param int num_levels: number of pixel levels (256 for 8-bit images).
 
-    References:
-
-    [1] `PixelCNN++: Improving the PixelCNN with Discretized Logistic Mixture Likelihood and
-        Other Modifications`, Tim Salimans, Andrej Karpathy, Xi Chen, Diederik P. Kingma
-        (ICLR 2017).
-    [2] `Improved Variational Inference with Inverse Autoregressive Flow`, Diederik P. Kingma,
-        Tim Salimans, Rafal Jozefowicz, Xi Chen, Ilya Sutskever, Max Welling (NeurIPS 2016).
+    References: PixelCNN++ (Salimans et al., ICLR 2017) and IAF (Kingma et al., NeurIPS 2016),
+    cited in full at :class:`~pyro_vae.distributions.DiscretizedLogisticDistribution`.
     """
 
     #: Soft lower bound of the decoder's log-scale.
@@ -377,20 +244,15 @@ class DiscretizedLogistic(Likelihood):
 
     def __init__(self, data_dim: int, num_levels: int = 256):
         super().__init__(data_dim)
-        if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
-            raise ValueError(
-                f"discretized_logistic likelihood num_levels must be an int >= 2, "
-                f"got {num_levels!r}"
-            )
-        self.output_dim = 2 * data_dim
-        self.num_levels = num_levels
         self.support = QuantizedUnitInterval(num_levels)
-        levels = num_levels - 1
+        self.num_levels = self.support.num_levels
+        self.output_dim = 2 * data_dim
+        levels = self.num_levels - 1
         self.support_text = f"multiples of 1/{levels} in [0, 1]"
         self.support_hint = (
             f"pass integer pixel levels divided by {levels}, with no dequantization noise or "
             "binarization; set num_levels to the number of grey levels of the data (17 for "
-            "digits: --likelihood-option num_levels=17) or use continuous_bernoulli"
+            "digits: config.likelihood_kwargs={'num_levels': 17}) or use continuous_bernoulli"
         )
 
     def forward(self, decoder_output: torch.Tensor) -> dist.TorchDistribution:
@@ -407,10 +269,12 @@ def get_likelihood(name: str, data_dim: int, **kwargs) -> Likelihood:
     :param int data_dim: number of features per datapoint.
     :param kwargs: options of that likelihood, e.g. ``scale`` for ``"normal"``.
     :returns: the likelihood module.
+    :raises ValueError: for an unknown name, or an option the likelihood's constructor does not
+        take.
     """
-    if name not in LIKELIHOODS:
-        raise ValueError(f"unknown likelihood {name!r}; choose one of {sorted(LIKELIHOODS)}")
-    return LIKELIHOODS[name](data_dim, **kwargs)
+    cls = LIKELIHOODS[check_choice("likelihood", name, LIKELIHOODS)]
+    check_options("likelihood", cls, kwargs)
+    return cls(data_dim, **kwargs)
 
 
 LIKELIHOODS: dict[str, type[Likelihood]] = {

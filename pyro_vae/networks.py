@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from pyro_vae.checks import check_choice
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "elu": nn.ELU,
     "gelu": nn.GELU,
@@ -19,10 +21,9 @@ def get_activation(name: str) -> nn.Module:
     """Build a registered activation module by name.
 
     :param str name: a key of :data:`ACTIVATIONS`.
+    :raises ValueError: for an unknown name, naming the known ones.
     """
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
+    return ACTIVATIONS[check_choice("activation", name, ACTIVATIONS)]()
 
 
 class MLP(nn.Sequential):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
+from pyro_vae.checks import check_choice, check_int
+
 #: ``trace``: the Monte Carlo ELBO, log p(x, z) - log q(z|x) at z ~ q(z|x).
 #: ``meanfield``: E_q log p(x|z) - KL(q || p), with the KL in closed form where Pyro has one.
 ELBOS: dict[str, type[ELBO]] = {
@@ -19,12 +21,11 @@ def get_elbo(name: str, num_particles: int = 1) -> ELBO:
     :param int num_particles: samples of z per datapoint, drawn in one vectorized pass.
     :returns: the Pyro ELBO object; its ``differentiable_loss(model, guide, x)`` is minus the
         ELBO summed over the batch.
+    :raises ValueError: for an unknown name or a ``num_particles`` that is not a positive integer.
     """
-    if name not in ELBOS:
-        raise ValueError(f"unknown ELBO {name!r}; choose one of {sorted(ELBOS)}")
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
-    return ELBOS[name](
+    cls = ELBOS[check_choice("ELBO", name, ELBOS)]
+    num_particles = check_int("num_particles", num_particles)
+    return cls(
         num_particles=num_particles,
         vectorize_particles=num_particles > 1,
         max_plate_nesting=1,

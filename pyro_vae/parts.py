@@ -7,13 +7,17 @@ A run folder records each part as a registry name plus constructor options, so t
 (``VAE(64, prior=MixtureOfGaussians(20, num_components=5))``) are recorded alike, because
 :class:`Part` captures the constructor arguments of every subclass, user-written ones included,
 with no code in the subclass.
+
+:func:`check_options` is the one check of the options a part is built with by name, used by
+:func:`~pyro_vae.priors.get_prior`, :func:`~pyro_vae.likelihoods.get_likelihood` and
+:func:`~pyro_vae.guides.get_guide`, so that Python and command-line users get the same error.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from torch import nn
 
@@ -38,6 +42,32 @@ class Part(nn.Module):
         ``type(part)(size, **part.init_kwargs)`` builds it again; ``None`` when they cannot be
         named (a constructor taking ``*args``)."""
         return self.__dict__.get("_init_kwargs")
+
+
+def check_options(kind: str, cls: type, options: Mapping[str, object]) -> None:
+    """Refuse options that the constructor of ``cls`` does not take, naming those it does.
+
+    The first constructor argument is the part's size (``latent_dim`` or ``data_dim``), not an
+    option. A constructor taking ``**kwargs`` accepts every option.
+
+    :param str kind: what the part is, for the message (``"prior"``, ``"likelihood"``, ...).
+    :param type cls: the part's class.
+    :param options: the keyword arguments it is to be built with.
+    :raises ValueError: ``<kind> <class> takes no option '<name>'; it takes [...]``.
+
+    >>> from pyro_vae.priors import MixtureOfGaussians
+    >>> check_options("prior", MixtureOfGaussians, {"num_components": 3})
+    """
+    params = list(inspect.signature(cls).parameters.values())[1:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    accepted = sorted(p.name for p in params if p.kind in named)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"{kind} {cls.__name__} takes no option {unknown[0]!r}; it takes {accepted or 'none'}"
+        )
 
 
 def _recording_init(init: Callable) -> Callable:

@@ -1,12 +1,12 @@
 """Figures. Each ``plot_*`` function takes data (and ``ax=None``) and returns the Figure.
 
 Figures are built with :class:`matplotlib.figure.Figure` directly, never through pyplot, so the
-library leaves matplotlib's global state and backend alone.
+library leaves matplotlib's global state and backend alone. :func:`save_figures` is the one
+place that writes figures to files.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,16 +23,24 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
     return fig, fig.add_subplot()
 
 
+#: Grey level of the gaps between the images of a grid (and of its empty cells).
+GRID_GAP = 0.2
+
+
 def image_grid(images: torch.Tensor, image_shape: Sequence[int], num_cols: int) -> np.ndarray:
-    """Tile flat images ``(N, H*W)`` into one array with light 1-pixel gaps between them."""
+    """Tile flat images ``(N, H*W)`` into one array, ``num_cols`` to a row, with 1-pixel gaps
+    of grey :data:`GRID_GAP` between them (none around the border), as
+    :func:`torchvision.utils.make_grid` lays them out."""
+    from torchvision.utils import make_grid  # slow import, only needed here
+
     h, w = image_shape
-    images = images.detach().float().cpu().clamp(0, 1).reshape(-1, h, w).numpy()
-    num_rows = math.ceil(len(images) / num_cols)
-    grid = np.full((num_rows * (h + 1) - 1, num_cols * (w + 1) - 1), 0.2)
-    for i, image in enumerate(images):
-        r, c = divmod(i, num_cols)
-        grid[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = image
-    return grid
+    images = images.detach().float().cpu().clamp(0, 1).reshape(-1, 1, h, w)
+    if len(images) < num_cols:  # make_grid would narrow the grid to the images there are
+        blank = images.new_full((num_cols - len(images), 1, h, w), GRID_GAP)
+        images = torch.cat([images, blank])
+    grid = make_grid(images, nrow=num_cols, padding=1, pad_value=GRID_GAP)[0]
+    # make_grid frames the grid too, except around a single image.
+    return (grid if len(images) == 1 else grid[1:-1, 1:-1]).numpy()
 
 
 def plot_images(
@@ -120,23 +128,21 @@ def plot_latent_space(
     return fig
 
 
-#: The figures ``save_figures`` writes into a run folder.
+#: The figures :func:`run_figures` makes for a run folder.
 FIGURES = ("elbo.png", "reconstructions.png", "samples.png", "latent_space.png")
 
 
 @torch.no_grad()
-def save_figures(run_dir: str | Path, vae, dataset, metrics: list[dict]) -> list[Path]:
-    """Write the standard figures of a trained run into ``run_dir``; returns their paths.
+def run_figures(vae, dataset, metrics: list[dict]) -> dict[str, Figure]:
+    """The standard figures of a trained run, by file name (see :data:`FIGURES`).
 
-    :param run_dir: the run folder.
-    :param vae: the trained :class:`~pyro_vae.vae.VAE`.
+    :param vae: the trained :class:`~pyro_vae.vae.VAE`; put in eval mode.
     :param dataset: its :class:`~pyro_vae.data.Dataset` (test split is shown).
     :param list metrics: the rows returned by :func:`~pyro_vae.train.fit`.
     """
-    run_dir = Path(run_dir)
     vae.eval()
     x = dataset.test_x[:32]
-    figures = {
+    return {
         "elbo.png": plot_elbo_curves({"": metrics}),
         "reconstructions.png": plot_reconstructions(x, vae.reconstruct(x), dataset.image_shape),
         "samples.png": plot_images(vae.sample(64), dataset.image_shape, title="prior samples"),
@@ -144,10 +150,18 @@ def save_figures(run_dir: str | Path, vae, dataset, metrics: list[dict]) -> list
             torch.cat([vae.latent_code(c) for c in dataset.test_x.split(2000)]), dataset.test_y
         ),
     }
+
+
+def save_figures(figures: dict[str, Figure], folder: str | Path) -> list[Path]:
+    """Write each figure to ``folder / name`` as a PNG; returns the paths, in order.
+
+    :param dict figures: file name -> figure, as :func:`run_figures` returns them.
+    :param folder: an existing folder, such as a run folder.
+    """
     paths = []
     for name, fig in figures.items():
-        fig.savefig(run_dir / name, dpi=120)
-        paths.append(run_dir / name)
+        fig.savefig(Path(folder) / name, dpi=120)
+        paths.append(Path(folder) / name)
     return paths
 
 

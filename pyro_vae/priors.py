@@ -12,26 +12,23 @@ Constant tensors are buffers and trainable ones parameters, so every prior follo
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyro_vae.guides import inverse_positive_scale, positive_scale
-from pyro_vae.parts import Part
+from pyro_vae.checks import check_choice, check_int, check_positive
+from pyro_vae.distributions import (
+    DiagonalNormalMixture,
+    inverse_positive_scale,
+    mixture,
+    positive_scale,
+)
+from pyro_vae.parts import Part, check_options
 
 if TYPE_CHECKING:
     from pyro_vae.vae import VAE
-
-
-def _check_num_components(prior: str, num_components) -> int:
-    if isinstance(num_components, bool) or not isinstance(num_components, int):
-        raise ValueError(f"{prior} prior num_components must be an int, got {num_components!r}")
-    if num_components < 1:
-        raise ValueError(f"{prior} prior num_components must be >= 1, got {num_components!r}")
-    return num_components
 
 
 class Prior(Part):
@@ -49,89 +46,6 @@ class Prior(Part):
 
     def forward(self) -> dist.TorchDistribution:
         raise NotImplementedError
-
-
-class DiagonalNormalMixture(dist.MixtureSameFamily):
-    """A mixture of K diagonal Normals N(loc_k, diag(scale_k^2)) whose :meth:`log_prob` costs
-    two matrix products.
-
-    :class:`~torch.distributions.MixtureSameFamily` evaluates every value against every component
-    in an ``(n, K, D)`` tensor. Expanding the square instead,
-    ``sum_d (z_d - loc_kd)^2 / scale_kd^2 = (z*z) @ w.T - 2 z @ (loc*w).T + sum_d loc_kd^2 w_kd``
-    with ``w = scale^-2``, costs two ``(n, D) x (D, K)`` products: over 10 times faster for
-    5000 draws against the 500 components of a VampPrior (``benchmarks/mixture_log_prob.py``).
-    The expansion subtracts large numbers, so it is computed in float64 (a few small products,
-    cheap on GPUs too); everything else keeps the dtype of the inputs. For float32 inputs it is
-    as accurate as the generic class. For float64 inputs it loses digits the generic class
-    keeps, where ``|z| / scale`` is huge (e.g. 0.02 nats at ``|z| = 100``, ``scale = 1e-4``).
-
-    :param torch.Tensor logits: unnormalized mixture weights, shape ``(K,)``.
-    :param torch.Tensor loc: component means, shape ``(K, D)``.
-    :param torch.Tensor scale: component standard deviations, shape ``(K, D)``.
-
-    >>> mix = DiagonalNormalMixture(torch.zeros(3), torch.randn(3, 2), torch.ones(3, 2))
-    >>> mix.log_prob(torch.randn(5, 2)).shape
-    torch.Size([5])
-    """
-
-    def __init__(
-        self,
-        logits: torch.Tensor,
-        loc: torch.Tensor,
-        scale: torch.Tensor,
-        validate_args: bool | None = None,
-    ):
-        if loc.dim() != 2 or scale.shape != loc.shape or logits.shape != loc.shape[:1]:
-            raise ValueError(
-                "DiagonalNormalMixture needs logits of shape (K,) and loc and scale of shape "
-                f"(K, D), got {tuple(logits.shape)}, {tuple(loc.shape)} and {tuple(scale.shape)}"
-            )
-        super().__init__(
-            dist.Categorical(logits=logits),
-            dist.Normal(loc, scale).to_event(1),
-            validate_args=validate_args,
-        )
-
-    def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(DiagonalNormalMixture, _instance)
-        return super().expand(batch_shape, _instance=new)
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        # The parameters as built, shapes (K,) and (K, D): an expanded mixture repeats them.
-        first = (0,) * len(self.batch_shape)
-        logits = self.mixture_distribution.logits[first]
-        normal = self.component_distribution.base_dist
-        loc, scale = normal.loc[first], normal.scale[first]
-        dtype = torch.promote_types(value.dtype, loc.dtype)
-        z = value.reshape(-1, loc.shape[-1]).double()
-        w = scale.double().pow(-2)
-        loc64 = loc.double()
-        quad = torch.addmm((loc64 * loc64 * w).sum(-1), z * z, w.T)
-        quad = torch.addmm(quad, z, (loc64 * w).T, alpha=-2).to(dtype).clamp(min=0)
-        log_norm = scale.log().sum(-1) + 0.5 * loc.shape[-1] * math.log(2 * math.pi)
-        log_weights = torch.log_softmax(logits, dim=-1)
-        log_prob = torch.logsumexp(log_weights - log_norm - 0.5 * quad, dim=-1)
-        log_prob = log_prob.reshape(value.shape[:-1])
-        shape = torch.broadcast_shapes(log_prob.shape, self.batch_shape)
-        return log_prob if shape == log_prob.shape else log_prob.expand(shape).contiguous()
-
-
-def mixture(logits: torch.Tensor, components: dist.TorchDistribution) -> dist.MixtureSameFamily:
-    """The mixture of ``components`` (batch shape ``(K,)``) with weights ``softmax(logits)``:
-    a :class:`DiagonalNormalMixture` when the components are diagonal Normals, else a
-    :class:`~pyro.distributions.MixtureSameFamily`.
-    """
-    normal = getattr(components, "base_dist", None)
-    if (
-        isinstance(components, torch.distributions.Independent)
-        and components.reinterpreted_batch_ndims == 1
-        and type(normal) in (dist.Normal, torch.distributions.Normal)
-        and normal.loc.dim() == 2
-    ):
-        return DiagonalNormalMixture(logits, normal.loc, normal.scale)
-    return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
 
 
 class StandardNormal(Prior):
@@ -155,7 +69,8 @@ class StandardNormal(Prior):
 class LearnedNormal(Prior):
     """A diagonal Gaussian N(loc, diag(scale^2)) whose loc and scale are trained with the VAE.
 
-    The scale is ``softplus(raw_scale) + MIN_SCALE`` (see :func:`~pyro_vae.guides.positive_scale`)
+    The scale is ``softplus(raw_scale) + MIN_SCALE`` (see
+    :func:`~pyro_vae.distributions.positive_scale`)
     and starts at 1, the loc at 0, so training starts from N(0, I). With an affine first decoder
     layer this prior is no more expressive than N(0, I) (the decoder can absorb any affine map of
     z); it is the simplest learnable prior and keeps the analytic KL of the diagonal guide.
@@ -203,7 +118,8 @@ class MixtureOfGaussians(Prior):
 
     def __init__(self, latent_dim: int, num_components: int = 10):
         super().__init__(latent_dim)
-        self.num_components = _check_num_components("mixture", num_components)
+        num_components = check_int("mixture prior num_components", num_components)
+        self.num_components = num_components
         self.locs = nn.Parameter(torch.randn(num_components, latent_dim))
         self.raw_scales = nn.Parameter(
             torch.full((num_components, latent_dim), inverse_positive_scale(0.5))
@@ -242,7 +158,7 @@ class VampPrior(Prior):
         init_range: tuple[float, float] = (0.0, 1.0),
     ):
         super().__init__(latent_dim)
-        self.num_components = _check_num_components("vamp", num_components)
+        self.num_components = check_int("vamp prior num_components", num_components)
         low, high = (float(v) for v in init_range)
         if not low < high:
             raise ValueError(f"vamp prior init_range must have low < high, got {init_range!r}")
@@ -299,9 +215,8 @@ class StudentT(Prior):
 
     def __init__(self, latent_dim: int, df: float = 3.0):
         super().__init__(latent_dim)
-        if isinstance(df, bool) or not isinstance(df, (int, float)) or not df > 0:
-            raise ValueError(f"student_t prior df must be a positive number, got {df!r}")
-        self.register_buffer("df", torch.full((latent_dim,), float(df)))
+        df = check_positive("student_t prior df", df)
+        self.register_buffer("df", torch.full((latent_dim,), df))
         self.register_buffer("loc", torch.zeros(latent_dim))
         self.register_buffer("scale", torch.ones(latent_dim))
 
@@ -316,13 +231,14 @@ def get_prior(name: str, latent_dim: int, **kwargs) -> Prior:
     :param int latent_dim: size of the latent code.
     :param kwargs: options of that prior, e.g. ``num_components`` for ``"mixture"``.
     :returns: the prior module.
+    :raises ValueError: for an unknown name, or an option the prior's constructor does not take.
 
     >>> get_prior("mixture", 2, num_components=3)().event_shape
     torch.Size([2])
     """
-    if name not in PRIORS:
-        raise ValueError(f"unknown prior {name!r}; choose one of {sorted(PRIORS)}")
-    return PRIORS[name](latent_dim, **kwargs)
+    cls = PRIORS[check_choice("prior", name, PRIORS)]
+    check_options("prior", cls, kwargs)
+    return cls(latent_dim, **kwargs)
 
 
 PRIORS: dict[str, type[Prior]] = {

@@ -1,13 +1,18 @@
-"""The run folder: ``config.json``, ``metrics.csv``, ``checkpoint.pt`` and figures.
+"""Run folders: training into one, resuming it, and reading it back.
 
-Every file is written atomically (a temporary file in the same folder, then a rename), so a run
-killed at any moment keeps its last good copy of each. Checkpoints hold only tensors and plain
-containers and are read with ``torch.load(..., weights_only=True)``: loading one never runs code.
+:func:`train_run` and :func:`resume_run` are what ``pyro-vae train`` and
+``pyro-vae train --resume`` do, callable from Python; :func:`load_run` reads a run back.
+A run folder holds ``config.json``, ``metrics.csv``, ``checkpoint.pt`` and figures. Every file
+is written atomically (a temporary file in the same folder, then a rename), so a run killed at
+any moment keeps its last good copy of each. Checkpoints hold only tensors and plain
+containers and are read with ``torch.load(..., weights_only=True)``: loading one never runs
+code.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -15,32 +20,58 @@ import pickle
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyro
 import torch
 
 from pyro_vae.config import FORMAT_VERSION, Config
-from pyro_vae.data import Dataset, load_dataset
-from pyro_vae.guides import GUIDES
+from pyro_vae.data import Dataset, load_dataset, resolve_binarize
+from pyro_vae.describe import build_vae, check_buildable, describe_model
+from pyro_vae.devices import get_rng_state, resolve_device
 from pyro_vae.likelihoods import LIKELIHOODS
-from pyro_vae.priors import PRIORS
+from pyro_vae.plots import run_figures, save_figures
 from pyro_vae.vae import VAE
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
 CHECKPOINT_FILE = "checkpoint.pt"
 
+#: ``on_train_start(vae, config, start_epoch)``: called once the model is built and checked.
+TrainStartHook = Callable[[VAE, Config, int], None]
+#: ``on_epoch_end(row)``: called with each new metrics row.
+EpochEndHook = Callable[[dict], None]
+
+
 # Read once at import: os.umask can only be read by setting it.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-#: Each swappable part: the config field naming it, its registry and the registry's path.
-PART_REGISTRIES = {
-    "prior": (PRIORS, "pyro_vae.priors.PRIORS"),
-    "likelihood": (LIKELIHOODS, "pyro_vae.likelihoods.LIKELIHOODS"),
-    "guide": (GUIDES, "pyro_vae.guides.GUIDES"),
-}
+
+class RunInterrupted(KeyboardInterrupt):
+    """Training was interrupted (Ctrl-C) after its run folder was made; the message says what
+    the folder keeps.
+
+    :ivar Path run_dir: the run folder, resumable with :func:`resume_run` when ``epoch`` is
+        not ``None``.
+    :ivar epoch: the epoch its ``checkpoint.pt`` holds, or ``None`` if there is none yet.
+    """
+
+    def __init__(self, run_dir: Path, epoch: int | None):
+        if epoch is None:
+            message = f"interrupted before the first checkpoint; start {run_dir} again"
+        else:
+            message = f"interrupted; {run_dir / CHECKPOINT_FILE} holds epoch {epoch}."
+        super().__init__(message)
+        self.run_dir = run_dir
+        self.epoch = epoch
+
+
+class RunFolderError(ValueError):
+    """A run folder that does not fit the request: :func:`train_run` into a folder that holds
+    a run already, or :func:`resume_run` with fewer epochs than the run has trained."""
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -125,126 +156,6 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         ) from e
 
 
-def build_vae(config: Config) -> VAE:
-    """Build the (untrained) VAE a config describes.
-
-    :raises ValueError: if a part is not registered under the name the config gives, or the
-        run trained a custom model class; the message says how to load such a run.
-    """
-    if config.data_dim is None:
-        raise ValueError("config.data_dim is not set; it is filled in when training starts")
-    check_buildable(config.to_dict())
-    return VAE(
-        data_dim=config.data_dim,
-        latent_dim=config.latent_dim,
-        hidden_dims=config.hidden_dims,
-        activation=config.activation,
-        prior=config.prior,
-        likelihood=config.likelihood,
-        guide=config.guide,
-        prior_kwargs=config.prior_kwargs,
-        likelihood_kwargs=config.likelihood_kwargs,
-        guide_kwargs=config.guide_kwargs,
-    )
-
-
-def check_buildable(config: dict) -> None:
-    """Raise :class:`ValueError`, saying how to load the run instead, if :func:`build_vae`
-    cannot rebuild the model that ``config`` (a config as a dict) describes.
-
-    That is the case when the run trained a VAE subclass (a custom model) or used a part whose
-    name is not registered in this process: a part passed as an object of an unregistered
-    class (recorded by its import path), or a user-registered part not registered again.
-    """
-    how = "or build the model as in training and pass it: load_run(run_dir, vae=...)"
-    vae_class = config.get("vae_class")
-    if vae_class is not None:
-        raise ValueError(
-            f"this run trained a custom model class {vae_class!r}, which config.json cannot "
-            f"rebuild; build it as in training and pass it: load_run(run_dir, vae=...)"
-        )
-    for kind, (registry, registry_path) in PART_REGISTRIES.items():
-        name = config.get(kind, getattr(Config, kind))
-        if not isinstance(name, str) or name in registry:
-            continue
-        if "." in name:  # a class path: the part was an object of an unregistered class
-            raise ValueError(
-                f"this run's {kind} was a {name} object, whose class is not registered in "
-                f"{registry_path} or whose options are not JSON, so config.json cannot rebuild "
-                f"it; build the model as in training and pass it: load_run(run_dir, vae=...)"
-            )
-        raise ValueError(
-            f"this run's {kind} {name!r} is not in {registry_path} (which has "
-            f"{sorted(registry)}); register its class before loading "
-            f"({registry_path}[{name!r}] = YourClass) {how}"
-        )
-
-
-def is_buildable(config: Config) -> bool:
-    """Whether :func:`build_vae` can rebuild the model ``config`` describes (see
-    :func:`check_buildable`); if not, :func:`load_run` needs the model passed as ``vae``."""
-    try:
-        check_buildable(config.to_dict())
-    except ValueError:
-        return False
-    return True
-
-
-def class_path(cls: type) -> str:
-    """``module.QualifiedName`` of a class, as config.json records unregistered parts."""
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def describe_part(part, registry: dict[str, type]) -> tuple[str, dict]:
-    """How config.json records a part: its registry name and constructor options, or, when it
-    cannot be rebuilt by name, the import path of its class (and its options for reference).
-
-    A part cannot be rebuilt by name when its class is not in ``registry`` or its options are
-    unknown (see :attr:`~pyro_vae.parts.Part.init_kwargs`) or not JSON.
-
-    :param part: a prior, likelihood or guide family.
-    :param dict registry: :data:`~pyro_vae.priors.PRIORS`, ... for that kind of part.
-    :returns: ``(name, kwargs)`` for the config fields ``prior`` and ``prior_kwargs``, ....
-    """
-    kwargs = getattr(part, "init_kwargs", None)
-    name = next((k for k in sorted(registry) if registry[k] is type(part)), None)
-    try:
-        json.dumps(kwargs)
-    except (TypeError, ValueError):
-        return class_path(type(part)), json.loads(json.dumps(kwargs, default=repr))
-    if name is None or kwargs is None:
-        return class_path(type(part)), dict(kwargs or {})
-    return name, dict(kwargs)
-
-
-def describe_model(vae: VAE) -> dict:
-    """The model fields of a :class:`~pyro_vae.config.Config` for ``vae``: the inverse of
-    :func:`build_vae`, also for parts passed to the VAE as objects.
-
-    :param VAE vae: the model.
-    :returns: ``data_dim``, ``latent_dim``, ``hidden_dims``, ``activation``, ``prior``,
-        ``prior_kwargs``, ``likelihood``, ..., ``guide_kwargs`` and ``vae_class`` (the import
-        path of a VAE subclass, ``None`` for :class:`~pyro_vae.vae.VAE` itself).
-    """
-    fields = {
-        "data_dim": vae.data_dim,
-        "latent_dim": vae.latent_dim,
-        "hidden_dims": list(vae.hidden_dims),
-        "activation": vae.activation,
-        "vae_class": None if type(vae) is VAE else class_path(type(vae)),
-    }
-    parts = {"prior": vae.prior, "likelihood": vae.likelihood, "guide": vae.guide_family}
-    for kind, part in parts.items():
-        fields[kind], fields[f"{kind}_kwargs"] = describe_part(part, PART_REGISTRIES[kind][0])
-    return fields
-
-
-def record_model(config: Config, vae: VAE) -> None:
-    """Set the model fields of ``config`` to describe ``vae`` (see :func:`describe_model`)."""
-    for name, value in describe_model(vae).items():
-        setattr(config, name, value)
-
-
 def save_checkpoint(
     run_dir: str | Path,
     vae: VAE,
@@ -254,7 +165,6 @@ def save_checkpoint(
     step: int,
 ) -> None:
     """Save model, optimizer, config, epoch counter and RNG state to ``checkpoint.pt``."""
-    device = next(vae.parameters()).device
     state = {
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
@@ -262,11 +172,7 @@ def save_checkpoint(
         "step": step,
         "model": vae.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            # Only the training device's generator: a CPU run never initialises CUDA.
-            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
-        },
+        "rng": get_rng_state(next(vae.parameters()).device),
     }
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -315,13 +221,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 @dataclass
 class Run:
-    """A trained run read back from its folder."""
+    """A trained run: its folder, completed config, model, checkpoint and metrics rows."""
 
     path: Path
     config: Config
     vae: VAE
     checkpoint: dict
     metrics: list[dict] = field(default_factory=list)
+
+
+def load_model_state(
+    vae: VAE, state_dict: dict, described: str = "the model its config describes", hint: str = ""
+) -> None:
+    """Load a checkpoint's weights into ``vae``, with a one-line :class:`ValueError` naming
+    the first mismatch (and ending with ``hint``) if they do not fit it."""
+    try:
+        vae.load_state_dict(state_dict)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise ValueError(f"the checkpoint does not fit {described}: {first}{hint}") from e
 
 
 def load_run(
@@ -335,7 +253,8 @@ def load_run(
     it as ``vae``: its weights are then loaded into that module, and the model fields of
     :attr:`Run.config` describe it.
 
-    :param run_dir: the folder written by :func:`pyro_vae.train.fit` or ``pyro-vae train``.
+    :param run_dir: the folder written by :func:`train_run`, :func:`pyro_vae.train.fit` or
+        ``pyro-vae train``.
     :param device: where to put the model.
     :param VAE vae: the untrained model to load the weights into, instead of building one.
     :returns: a :class:`Run` with the model in eval mode.
@@ -361,11 +280,7 @@ def load_run(
         )
         vae = vae.to(device)
         described = f"the {type(vae).__name__} passed as vae"
-    try:
-        vae.load_state_dict(state["model"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1].strip()
-        raise ValueError(f"checkpoint in {run_dir} does not fit {described}: {first}") from e
+    load_model_state(vae, state["model"], described, f" (in {run_dir})")
     vae.eval()
     return Run(run_dir, config, vae, state, read_metrics(run_dir))
 
@@ -374,21 +289,210 @@ def load_run_dataset(
     config: Config,
     data_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
+    *,
+    likelihood=None,
 ) -> Dataset:
     """Load the data set a run's config names, binarized as in training.
 
-    A data folder read from ``config.json`` is only read, never written: downloading happens
-    only into a folder the caller names, or into the default cache when the config names none.
+    This is the one home of the download policy for a run read back from its folder: a data
+    folder read from ``config.json`` is only read, never downloaded into, and it must exist.
+    Downloading happens only into a folder the caller names (``data_dir``), or into the
+    default cache when the config names none.
 
-    :param Config config: the run's config (``binarize`` already resolved by training).
+    :param Config config: the run's config.
     :param data_dir: overrides ``config.data_dir``.
     :param device: where to put the tensors.
+    :param likelihood: the run's likelihood, for a config whose ``binarize`` is unset (see
+        :func:`~pyro_vae.data.resolve_binarize`); default the one ``config`` names.
+    :raises FileNotFoundError: if the data folder of the config does not exist.
     """
-    download = data_dir is not None or config.data_dir is None
+    if data_dir is None and config.data_dir is not None:
+        if not Path(config.data_dir).expanduser().is_dir():
+            raise FileNotFoundError(
+                f"the data folder {config.data_dir!r} named in the run's {CONFIG_FILE} does not "
+                "exist here; say where the data set is with data_dir (config.data_dir)"
+            )
     return load_dataset(
         config.dataset,
-        data_dir if data_dir is not None else config.data_dir,
-        binarize=config.binarize or "none",
+        config.data_dir if data_dir is None else data_dir,
+        binarize=_binarize(config, likelihood),
         device=device,
-        download=download,
+        download=data_dir is not None or config.data_dir is None,
+    )
+
+
+def holds_run(path: str | Path) -> bool:
+    """Whether ``path`` holds a run (a checkpoint), which training into it would overwrite.
+
+    A folder with a ``config.json`` but no checkpoint was stopped before training began; it
+    may be trained into again.
+    """
+    return (Path(path) / CHECKPOINT_FILE).exists()
+
+
+def train_run(
+    config: Config,
+    run_dir: str | Path | None = None,
+    *,
+    on_train_start: TrainStartHook | None = None,
+    on_epoch_end: EpochEndHook | None = None,
+) -> Run:
+    """Train the model that ``config`` describes into a run folder: ``pyro-vae train``.
+
+    Loads the data set (downloading it if needed), seeds with ``config.seed``, builds the
+    model, checks every input (before any folder is made), trains with
+    :func:`~pyro_vae.train.fit`, which keeps ``config.json``, ``metrics.csv`` and
+    ``checkpoint.pt`` up to date, and writes the figures of :func:`~pyro_vae.plots.run_figures`.
+
+    :param Config config: the run's settings.
+    :param run_dir: the run folder, which must not hold a run yet; default a new timestamped
+        folder under ``runs/``.
+    :param on_train_start: called as ``on_train_start(vae, config, start_epoch)`` with the
+        model and the completed config just before the first epoch.
+    :param on_epoch_end: called with each new metrics row (see :func:`~pyro_vae.train.fit`).
+    :returns: the trained :class:`Run`.
+    :raises RunFolderError: if ``run_dir`` holds a run already.
+    :raises RunInterrupted: on Ctrl-C once the run folder exists; resume it with
+        :func:`resume_run`. Before that, the :class:`KeyboardInterrupt` leaves no folder.
+
+    >>> run = train_run(Config(epochs=3), "runs/small")  # doctest: +SKIP
+    >>> run.metrics[-1]["test_elbo"]  # doctest: +SKIP
+    """
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be a pyro_vae Config, got {type(config).__name__}")
+    run_dir = None if run_dir is None else _check_new_run_dir(Path(run_dir))
+    check_buildable(config.to_dict())
+    device = resolve_device(config.device)
+    config = dataclasses.replace(config, binarize=_binarize(config))
+    dataset = load_dataset(config.dataset, config.data_dir, config.binarize, device=device)
+    return _train(config, dataset, run_dir, None, [], on_train_start, on_epoch_end)
+
+
+def resume_run(
+    run_dir: str | Path,
+    *,
+    epochs: int | None = None,
+    device: str | torch.device | None = None,
+    data_dir: str | Path | None = None,
+    on_train_start: TrainStartHook | None = None,
+    on_epoch_end: EpochEndHook | None = None,
+) -> Run:
+    """Continue a run from its last checkpoint: ``pyro-vae train --resume``.
+
+    The run keeps its own settings, so the resumed epochs give the same numbers as a run that
+    was never interrupted. Only where and how long it runs may change.
+
+    :param run_dir: a folder written by :func:`train_run` (or ``pyro-vae train``).
+    :param int epochs: the new total number of epochs (``config.epochs``), at least the
+        number already trained; default the run's own.
+    :param device: where to train (``config.device``); default the run's own.
+    :param data_dir: the folder holding the data set, if not the run's own (see
+        :func:`load_run_dataset`).
+    :param on_train_start: as for :func:`train_run`.
+    :param on_epoch_end: as for :func:`train_run`.
+    :returns: the trained :class:`Run`.
+    :raises FileNotFoundError: if there is no run folder or no checkpoint in it.
+    :raises RunFolderError: if ``epochs`` is fewer than the epochs already trained.
+    :raises RunInterrupted: on Ctrl-C.
+    """
+    run_dir = Path(run_dir)
+    config, checkpoint = _resume_settings(run_dir, epochs, device)
+    metrics = read_metrics(run_dir)
+    config = dataclasses.replace(config, binarize=_binarize(config))
+    dataset = load_run_dataset(config, data_dir, resolve_device(config.device))
+    if data_dir is not None:
+        config = dataclasses.replace(config, data_dir=str(data_dir))
+    return _train(config, dataset, run_dir, checkpoint, metrics, on_train_start, on_epoch_end)
+
+
+def _check_new_run_dir(run_dir: Path) -> Path:
+    if holds_run(run_dir):
+        raise RunFolderError(
+            f"{run_dir} already holds a run; continue it with resume_run or train into "
+            "another folder"
+        )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir} is a file, not a folder; train into a folder")
+    return run_dir
+
+
+def _resume_settings(
+    run_dir: Path, epochs: int | None, device: str | torch.device | None
+) -> tuple[Config, dict]:
+    """The config a resumed run trains with, and the checkpoint it starts from."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(
+            f"run folder {run_dir} does not exist; pass a folder written by train_run or "
+            "'pyro-vae train'"
+        )
+    config = load_config(run_dir)
+    if not holds_run(run_dir):
+        raise FileNotFoundError(
+            f"{run_dir} has no {CHECKPOINT_FILE}: the run stopped before its first checkpoint; "
+            "train it again from the start"
+        )
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    if epochs is not None:
+        config = dataclasses.replace(config, epochs=epochs)
+        if config.epochs < checkpoint["epoch"]:
+            raise RunFolderError(
+                f"config.epochs {epochs} is fewer than the {checkpoint['epoch']} epochs already "
+                f"trained in {run_dir}; pass config.epochs {checkpoint['epoch']} or more"
+            )
+    if device is not None:
+        config = dataclasses.replace(config, device=str(device))
+    return config, checkpoint
+
+
+def _train(
+    config: Config,
+    dataset: Dataset,
+    run_dir: Path | None,
+    checkpoint: dict | None,
+    metrics: list[dict],
+    on_train_start: TrainStartHook | None,
+    on_epoch_end: EpochEndHook | None,
+) -> Run:
+    """Build the model, check it, then train it into ``run_dir`` and draw the figures."""
+    from pyro_vae.train import fit, prepare_fit  # train.py writes its run folder through here
+
+    device = dataset.train_x.device
+    config = dataclasses.replace(
+        config, data_dim=dataset.data_dim, image_shape=list(dataset.image_shape)
+    )
+    pyro.set_rng_seed(config.seed)
+    vae = build_vae(config).to(device)
+    config = prepare_fit(vae, dataset, config)  # bad input stops here, before a run folder
+    run_dir = new_run_dir() if run_dir is None else run_dir
+    try:
+        if on_train_start is not None:
+            on_train_start(vae, config, checkpoint["epoch"] if checkpoint else 0)
+        # fit restores weights, optimizer and RNG from the checkpoint just before training.
+        rows = fit(vae, dataset, config, run_dir, checkpoint, metrics, on_epoch_end)
+        save_figures(run_figures(vae, dataset, rows), run_dir)
+    except KeyboardInterrupt as interrupt:
+        if not run_dir.is_dir():
+            raise
+        raise RunInterrupted(run_dir, _checkpoint_epoch(run_dir)) from interrupt
+    return Run(run_dir, config, vae, load_checkpoint(run_dir / CHECKPOINT_FILE, device), rows)
+
+
+def _checkpoint_epoch(run_dir: Path) -> int | None:
+    """The epoch the run's checkpoint holds, or ``None`` if it has no readable one.
+
+    Checkpoints are written at epoch 0 and at every epoch end; the part of an epoch under way
+    when training stops is dropped, because only an epoch boundary resumes to the same numbers.
+    """
+    try:
+        return load_checkpoint(run_dir / CHECKPOINT_FILE)["epoch"]
+    except (OSError, ValueError):
+        return None
+
+
+def _binarize(config: Config, likelihood=None) -> str:
+    """``config.binarize``, or the binarization its likelihood gets when it is unset."""
+    if config.binarize is not None:
+        return config.binarize
+    return resolve_binarize(
+        None, LIKELIHOODS[config.likelihood] if likelihood is None else likelihood
     )

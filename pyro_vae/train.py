@@ -8,6 +8,7 @@ form that :func:`torch.compile` and DistributedDataParallel work with.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -17,61 +18,20 @@ from pathlib import Path
 
 import pyro
 import torch
-from torch.distributions import constraints
 
 from pyro_vae.config import Config
 from pyro_vae.data import Dataset, check_finite, iterate_batches
-from pyro_vae.estimators import estimate_elbo_terms
+from pyro_vae.describe import build_vae, is_buildable, record_model
+from pyro_vae.devices import fork_rng, set_rng_state
+from pyro_vae.estimators import AnalyticKLWarning, sampled_kl_sites
 from pyro_vae.objectives import get_elbo
-from pyro_vae.runs import (
-    build_vae,
-    is_buildable,
-    record_model,
-    save_checkpoint,
-    save_config,
-    write_metrics,
-)
+from pyro_vae.runs import load_model_state, save_checkpoint, save_config, write_metrics
 from pyro_vae.vae import VAE
 
 logger = logging.getLogger(__name__)
 
 #: Datapoints per forward pass when evaluating; bounds memory, not results.
 EVAL_BATCH_SIZE = 2000
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU; asking for absent CUDA is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or cuda:N") from e
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}; choose auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and torch.cuda.is_available():
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {name!r} was requested but this machine has "
-                f"{torch.cuda.device_count()} CUDA device(s); use cuda:0 to "
-                f"cuda:{torch.cuda.device_count() - 1}"
-            )
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device {name!r} was requested but CUDA is not available on this machine; "
-            "use --device cpu (or auto)"
-        )
-    return device
-
-
-def resolve_binarize(binarize: str | None, likelihood) -> str:
-    """``None`` means dynamic binarization for likelihoods of binary data, none otherwise.
-
-    :param likelihood: a :class:`~pyro_vae.likelihoods.Likelihood` or its class.
-    """
-    if binarize is not None:
-        return binarize
-    return "dynamic" if likelihood.support is constraints.boolean else "none"
 
 
 def kl_weight(config: Config, step: int, steps_per_epoch: int) -> float:
@@ -99,17 +59,20 @@ def check_dataset(vae: VAE, dataset: Dataset, binarize: str) -> None:
                 raise ValueError(
                     "dynamic binarization needs training data in [0, 1], but dataset.train_x "
                     f"lies in [{x.min().item():.4g}, {x.max().item():.4g}]; rescale it or set "
-                    "binarize='none' (--binarize none)"
+                    "config.binarize 'none'"
                 )
         else:
             vae.likelihood.check_data(x)
 
 
-def prepare_fit(vae: VAE, dataset: Dataset, config: Config) -> None:
-    """Fill in the data-dependent fields of ``config`` and check every input of :func:`fit`.
+def prepare_fit(vae: VAE, dataset: Dataset, config: Config) -> Config:
+    """Check every input of :func:`fit` and return ``config`` completed from them.
 
-    Runs before a run folder is written, so bad input never leaves a half-made run behind.
+    The completed config records how the data were binarized and the model that is trained
+    (see :func:`~pyro_vae.describe.record_model`), with ``image_shape`` from the data set. This
+    runs before a run folder is written, so bad input never leaves a half-made run behind.
 
+    :returns: the completed config (``config`` itself is never changed).
     :raises TypeError: if ``dataset`` or ``config`` is of the wrong type, or the data are not
         floating point.
     :raises ValueError: naming the first bad setting or data problem.
@@ -122,24 +85,24 @@ def prepare_fit(vae: VAE, dataset: Dataset, config: Config) -> None:
         )
     # The data were binarized when loaded: config.json must say how, or a resumed run would
     # reload them differently.
-    if config.binarize is None:
-        config.binarize = dataset.binarize
-    elif config.binarize != dataset.binarize:
+    if config.binarize is not None and config.binarize != dataset.binarize:
         raise ValueError(
             f"config.binarize is {config.binarize!r} but the dataset was loaded with "
             f"binarize={dataset.binarize!r}; load it with load_dataset(..., "
             f"binarize={config.binarize!r}) or leave config.binarize unset"
         )
-    record_model(config, vae)
-    config.image_shape = list(dataset.image_shape)
-    config.validate()
+    config = record_model(config, vae)
+    config = dataclasses.replace(
+        config, binarize=dataset.binarize, image_shape=list(dataset.image_shape)
+    )
     check_dataset(vae, dataset, config.binarize)
     num_train = dataset.train_x.shape[0]
     if config.batch_size > num_train:
         raise ValueError(
             f"batch_size {config.batch_size} is larger than the {num_train} training datapoints "
-            f"of {dataset.name!r}; use a batch_size (--batch-size) of at most {num_train}"
+            f"of {dataset.name!r}; set config.batch_size to at most {num_train}"
         )
+    return config
 
 
 def warn_if_kl_is_sampled(vae: VAE, x: torch.Tensor) -> tuple[str, ...]:
@@ -147,24 +110,22 @@ def warn_if_kl_is_sampled(vae: VAE, x: torch.Tensor) -> tuple[str, ...]:
 
     Pyro's mean-field ELBO falls back to the Monte Carlo KL, silently, for every latent site
     whose KL has no closed form (mixture, VampPrior and Student-t priors, flow guides); this
-    says so instead. Leaves the global random state alone.
+    says so instead, with an :class:`~pyro_vae.estimators.AnalyticKLWarning`. Leaves the global
+    random state alone.
 
     :returns: the latent sites whose KL is sampled.
     """
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            terms = estimate_elbo_terms(vae.model, vae.guide, x, analytic_kl=True)
-    if terms.sampled_sites:
+    sites = sampled_kl_sites(vae.model, vae.guide, x)
+    if sites:
         warnings.warn(
-            f"--elbo meanfield: KL(q || p) has no closed form for latent site(s) "
-            f"{list(terms.sampled_sites)} of this model (prior {type(vae.prior).__name__}, "
+            f"config.elbo meanfield: KL(q || p) has no closed form for latent site(s) "
+            f"{list(sites)} of this model (prior {type(vae.prior).__name__}, "
             f"guide {type(vae.guide_family).__name__}), so TraceMeanField_ELBO samples it: "
-            "training there is the Monte Carlo ELBO (--elbo trace)",
-            UserWarning,
-            stacklevel=2,
+            "training there is the Monte Carlo ELBO (config.elbo trace)",
+            AnalyticKLWarning,
+            stacklevel=3,
         )
-    return terms.sampled_sites
+    return sites
 
 
 def check_config_describes(vae: VAE, config: Config) -> None:
@@ -173,28 +134,17 @@ def check_config_describes(vae: VAE, config: Config) -> None:
     A run folder is only useful if :func:`~pyro_vae.runs.load_run` can rebuild its model from
     the saved config, so this is checked before training rather than discovered when loading.
     """
-    with torch.random.fork_rng(devices=[]):  # building the model must not move the RNG
+    with fork_rng():  # building the model must not move the RNG
         expected = {k: tuple(v.shape) for k, v in build_vae(config).state_dict().items()}
     actual = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     if expected != actual:
         diff = sorted(set(expected.items()) ^ set(actual.items()))[0][0]
         raise ValueError(
             f"the config describes another model than the VAE being trained (they differ at "
-            f"{diff!r}); set latent_dim, hidden_dims, prior, likelihood, guide and their "
-            "options in the Config to those of the VAE, so that load_run can rebuild it"
+            f"{diff!r}); set config.latent_dim, config.hidden_dims, config.prior, "
+            "config.likelihood, config.guide and their options to those of the VAE, so that "
+            "load_run can rebuild it"
         )
-
-
-def load_model_state(vae: VAE, checkpoint: dict) -> None:
-    """Load a checkpoint's weights into ``vae``, with a one-line error if they do not fit."""
-    try:
-        vae.load_state_dict(checkpoint["model"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1].strip()
-        raise ValueError(
-            f"the checkpoint does not fit the model its config describes ({first}); "
-            "was config.json edited? Restore it, or train a new run"
-        ) from e
 
 
 @torch.no_grad()
@@ -208,20 +158,18 @@ def evaluate_elbo(vae: VAE, x: torch.Tensor, elbo: str = "trace", num_particles:
     """
     vae.check_input(x)
     loss_fn = get_elbo(elbo, num_particles)
-    kl_scale, vae.kl_scale = vae.kl_scale, 1.0
-    try:
+    with vae.kl_weight(1.0):
         total = sum(loss_fn.loss(vae.model, vae.guide, chunk) for chunk in x.split(EVAL_BATCH_SIZE))
-    finally:
-        vae.kl_scale = kl_scale
     return -total / x.shape[0]
 
 
 def diverged(
     loss: float | str, epoch: int, step: int, what: str = "the loss"
 ) -> FloatingPointError:
+    """The error for a loss (or parameters) that stopped being finite at ``step`` of ``epoch``."""
     return FloatingPointError(
         f"{what} became {loss} at epoch {epoch}, step {step + 1}; "
-        "try a lower --lr or set --clip-norm"
+        "try a lower config.lr or set config.clip_norm"
     )
 
 
@@ -269,10 +217,6 @@ def train_epoch(
     return -total.item() / x.shape[0], step
 
 
-def make_optimizer(vae: VAE, config: Config) -> torch.optim.Optimizer:
-    return torch.optim.Adam(vae.parameters(), lr=config.lr)
-
-
 def restore_checkpoint(
     vae: VAE,
     optimizer: torch.optim.Optimizer,
@@ -287,13 +231,11 @@ def restore_checkpoint(
     if checkpoint["epoch"] > config.epochs:
         raise ValueError(
             f"the checkpoint is at epoch {checkpoint['epoch']} but config.epochs is "
-            f"{config.epochs}; ask for at least {checkpoint['epoch']} epochs (--epochs)"
+            f"{config.epochs}; ask for at least {checkpoint['epoch']} epochs (config.epochs)"
         )
-    load_model_state(vae, checkpoint)
+    load_model_state(vae, checkpoint["model"], hint="; was config.json edited? Restore it")
     optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
-    if device.type == "cuda" and checkpoint["rng"]["cuda"]:
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][0].cpu(), device)
+    set_rng_state(checkpoint["rng"], device)
     return checkpoint["epoch"], checkpoint["step"]
 
 
@@ -305,27 +247,31 @@ def fit(
     checkpoint: dict | None = None,
     metrics: list[dict] | None = None,
     on_epoch_end: Callable[[dict], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> list[dict]:
     """Train ``vae`` on ``dataset`` by SVI; optionally keep a run folder up to date.
 
     The data and the model live on the same device, that of ``dataset.train_x``. With
     ``run_dir``, ``config.json`` is written first, then after every epoch ``metrics.csv`` and
     ``checkpoint.pt`` (each atomically), so an interrupted run resumes from its last epoch.
+    :func:`~pyro_vae.runs.train_run` and :func:`~pyro_vae.runs.resume_run` do all of that from
+    a :class:`~pyro_vae.config.Config` alone, data set and figures included.
 
-    :param VAE vae: the model; trained in place.
+    :param VAE vae: the model; trained in place. Its :attr:`~pyro_vae.vae.VAE.kl_scale` is
+        set by the warm-up during training and put back afterwards.
     :param Dataset dataset: from :func:`~pyro_vae.data.load_dataset`.
-    :param Config config: training settings (defaults if ``None``). Its model fields
-        (``data_dim``, ``latent_dim``, ``hidden_dims``, ``activation``, ``prior``,
-        ``likelihood``, ``guide``, their ``*_kwargs`` and ``vae_class``) are set from ``vae``
-        (see :func:`~pyro_vae.runs.describe_model`), so ``config.json`` records the parts the
-        VAE really has, also when they were passed as objects; ``image_shape`` comes from the
-        data set.
+    :param Config config: training settings (defaults if ``None``). The config that
+        ``config.json`` records is this one completed by :func:`prepare_fit`: its model fields
+        describe the parts the VAE really has, also when they were passed as objects, and
+        ``binarize`` and ``image_shape`` come from the data set.
     :param run_dir: folder for config, metrics and checkpoints, or ``None``.
     :param dict checkpoint: a state from :func:`~pyro_vae.runs.load_checkpoint` to resume:
         weights, optimizer state, epoch and step counters and the RNG state are restored, so
         the resumed run gives the same numbers as one that was never interrupted.
     :param list metrics: rows already written for the epochs before ``checkpoint``.
-    :param on_epoch_end: called with each new metrics row.
+    :param on_epoch_end: called with each new metrics row, after the run folder is updated.
+    :param optimizer: the optimizer over ``vae.parameters()``; default
+        ``torch.optim.Adam(vae.parameters(), lr=config.lr)``.
     :returns: one row per epoch: ``epoch``, ``step``, ``kl_scale``, ``train_elbo``,
         ``test_elbo`` (nats per datapoint, higher is better) and ``seconds``.
     :raises FloatingPointError: if the loss or the parameters become NaN or infinite; the run
@@ -338,59 +284,92 @@ def fit(
     >>> rows[-1]["test_elbo"] < 0
     True
     """
-    config = Config() if config is None else config
-    prepare_fit(vae, dataset, config)
-    device = dataset.train_x.device
-    vae.to(device)
+    config = prepare_fit(vae, dataset, Config() if config is None else config)
+    vae.to(dataset.train_x.device)
+    if optimizer is None:
+        optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)
+    start_epoch, step = _start_run(vae, dataset, config, optimizer, run_dir, checkpoint)
+    rows = [row for row in metrics or [] if checkpoint is None or row["epoch"] <= start_epoch]
+    with vae.kl_weight(1.0):  # the warm-up sets it per step; afterwards it is as it was
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            row, step = _train_and_test(vae, optimizer, dataset, config, epoch, step, run_dir)
+            rows.append(row)
+            logger.info(
+                "epoch %d: train ELBO %.3f, test ELBO %.3f",
+                epoch,
+                row["train_elbo"],
+                row["test_elbo"],
+            )
+            if run_dir is not None:
+                write_metrics(run_dir, rows)
+                save_checkpoint(run_dir, vae, optimizer, config, epoch, step)
+            if on_epoch_end is not None:
+                on_epoch_end(row)
+    return rows
+
+
+def _start_run(
+    vae: VAE,
+    dataset: Dataset,
+    config: Config,
+    optimizer: torch.optim.Optimizer,
+    run_dir: str | Path | None,
+    checkpoint: dict | None,
+) -> tuple[int, int]:
+    """Check the model against its config, seed or restore the run, start the run folder;
+    returns the epoch and step that training starts from."""
     if config.elbo == "meanfield":
         warn_if_kl_is_sampled(vae, dataset.test_x[:2])
     # A model that config.json cannot rebuild (a custom VAE class, an unregistered part) is
     # reloaded with load_run(run_dir, vae=...) instead.
     if run_dir is not None and is_buildable(config):
         check_config_describes(vae, config)
-    optimizer = make_optimizer(vae, config)
-    rows = list(metrics or [])
     if checkpoint is None:
         pyro.set_rng_seed(config.seed)
         start_epoch, step = 0, 0
     else:
-        start_epoch, step = restore_checkpoint(vae, optimizer, checkpoint, config, device)
-        rows = [row for row in rows if row["epoch"] <= start_epoch]
+        start_epoch, step = restore_checkpoint(
+            vae, optimizer, checkpoint, config, dataset.train_x.device
+        )
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         save_config(run_dir, config)
         if checkpoint is None:
             save_checkpoint(run_dir, vae, optimizer, config, start_epoch, step)
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        start = time.perf_counter()
-        vae.train()
-        try:
-            train_elbo, step = train_epoch(vae, optimizer, dataset.train_x, config, epoch, step)
-        except FloatingPointError as e:
-            if run_dir is None:
-                raise
-            raise FloatingPointError(f"{e}; {run_dir} keeps epoch {epoch - 1}") from e
-        vae.eval()
-        test_elbo = evaluate_elbo(vae, dataset.test_x, config.elbo, config.num_particles)
-        if not math.isfinite(test_elbo):
-            raise FloatingPointError(
-                f"the test ELBO became {test_elbo} after epoch {epoch}; "
-                "try a lower --lr or set --clip-norm"
-            )
-        row = {
-            "epoch": epoch,
-            "step": step,
-            "kl_scale": vae.kl_scale,
-            "train_elbo": train_elbo,
-            "test_elbo": test_elbo,
-            "seconds": time.perf_counter() - start,
-        }
-        rows.append(row)
-        logger.info("epoch %d: train ELBO %.3f, test ELBO %.3f", epoch, train_elbo, test_elbo)
-        if run_dir is not None:
-            write_metrics(run_dir, rows)
-            save_checkpoint(run_dir, vae, optimizer, config, epoch, step)
-        if on_epoch_end is not None:
-            on_epoch_end(row)
-    vae.kl_scale = 1.0
-    return rows
+    return start_epoch, step
+
+
+def _train_and_test(
+    vae: VAE,
+    optimizer: torch.optim.Optimizer,
+    dataset: Dataset,
+    config: Config,
+    epoch: int,
+    step: int,
+    run_dir: str | Path | None,
+) -> tuple[dict, int]:
+    """One epoch of training and the test ELBO after it: the epoch's metrics row and the step."""
+    start = time.perf_counter()
+    vae.train()
+    try:
+        train_elbo, step = train_epoch(vae, optimizer, dataset.train_x, config, epoch, step)
+    except FloatingPointError as e:
+        if run_dir is None:
+            raise
+        raise FloatingPointError(f"{e}; {run_dir} keeps epoch {epoch - 1}") from e
+    vae.eval()
+    test_elbo = evaluate_elbo(vae, dataset.test_x, config.elbo, config.num_particles)
+    if not math.isfinite(test_elbo):
+        raise FloatingPointError(
+            f"the test ELBO became {test_elbo} after epoch {epoch}; "
+            "try a lower config.lr or set config.clip_norm"
+        )
+    row = {
+        "epoch": epoch,
+        "step": step,
+        "kl_scale": vae.kl_scale,
+        "train_elbo": train_elbo,
+        "test_elbo": test_elbo,
+        "seconds": time.perf_counter() - start,
+    }
+    return row, step

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -10,17 +11,11 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from pyro_vae.checks import check_int
 from pyro_vae.guides import GuideFamily, get_guide
 from pyro_vae.likelihoods import Likelihood, get_likelihood
 from pyro_vae.networks import MLP
 from pyro_vae.priors import Prior, get_prior
-
-
-def check_positive_int(name: str, value) -> int:
-    """Return ``value`` if it is a positive integer, else raise :class:`ValueError` naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def point_estimate(q: dist.Distribution) -> torch.Tensor:
@@ -91,11 +86,11 @@ class VAE(nn.Module):
         guide_kwargs: dict | None = None,
     ):
         super().__init__()
-        check_positive_int("data_dim", data_dim)
-        check_positive_int("latent_dim", latent_dim)
+        check_int("data_dim", data_dim)
+        check_int("latent_dim", latent_dim)
         hidden_dims = tuple(hidden_dims)
         for h in hidden_dims:
-            check_positive_int("every hidden size", h)
+            check_int("every hidden size", h)
         self.data_dim = data_dim
         self.latent_dim = latent_dim
         self.hidden_dims = hidden_dims
@@ -113,6 +108,24 @@ class VAE(nn.Module):
         self.encoder = MLP(data_dim, hidden_dims, guide.output_dim, activation)
         self.decoder = MLP(latent_dim, hidden_dims[::-1], likelihood.output_dim, activation)
         self.prior.bind(self)
+
+    @contextlib.contextmanager
+    def kl_weight(self, weight: float) -> Iterator[None]:
+        """Run the block with the KL weight :attr:`kl_scale` set to ``weight``, and put the old
+        value back afterwards (also when the block raises).
+
+        >>> vae = VAE(64, latent_dim=2, hidden_dims=(8,))
+        >>> with vae.kl_weight(0.5):
+        ...     vae.kl_scale
+        0.5
+        >>> vae.kl_scale
+        1.0
+        """
+        previous, self.kl_scale = self.kl_scale, weight
+        try:
+            yield
+        finally:
+            self.kl_scale = previous
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise :class:`TypeError`/:class:`ValueError` unless ``x`` is an ``(N, data_dim)``

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     tests = "\n".join(f"    {t}" for t in args.tests)
     with open(copy / "setup.cfg", "a") as f:
         f.write(MUTMUT_CONFIG.format(module=args.module, tests=tests))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(copy / "mutants")}
+    # mutmut puts its mutated copy on the path itself (PYTHONPATH would hide it).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     mutmut = [sys.executable, "-m", "mutmut"]
     run = [*mutmut, "run", "--max-children", str(args.max_children)]
     subprocess.run(run, cwd=copy, env=env, stdout=subprocess.DEVNULL, check=True)

@@ -3,18 +3,20 @@ import logging
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 import torchvision
+from common import TINY_TRAIN as TINY
+from common import with_hooks
 
-from pyro_vae import DATASETS, ELBOS, GUIDES, LIKELIHOODS, PRIORS, Config, load_run
+from pyro_vae import DATASETS, ELBOS, GUIDES, LIKELIHOODS, PRIORS, Config, load_run, train_run
 from pyro_vae import cli as cli_module
-from pyro_vae.cli import build_parser, main
+from pyro_vae.cli import build_parser, main, name_flags
 from pyro_vae.data import BINARIZATIONS
+from pyro_vae.estimators import AnalyticKLWarning
 from pyro_vae.networks import ACTIVATIONS
-
-TINY = ["--epochs", "2", "--latent-dim", "2", "--hidden-dims", "16", "--batch-size", "200"]
 
 #: The subcommands README documents.
 DOCUMENTED_COMMANDS = {"train", "sample", "evaluate", "compare"}
@@ -91,15 +93,18 @@ CONFIG_FLAGS = [
     "--seed",
     "--device",
 ]
+#: How the help words a Config default of None (never "None").
+NONE_DEFAULTS = {"--clip-norm": "no clipping"}
+#: The other flags, and the default their help shows (None: none, as "not given" is no value).
 OTHER_FLAGS = {
     "--out": "a new folder under runs/",
-    "--resume": "None",
+    "--resume": None,
     "--binarize": "dynamic for Bernoulli likelihoods, else none",
     "--data-dir": "$PYRO_VAE_DATA or the user cache",
-    "--prior-option": "[]",
-    "--prior-components": "None",
-    "--likelihood-option": "[]",
-    "--guide-option": "[]",
+    "--prior-option": None,
+    "--prior-components": None,
+    "--likelihood-option": None,
+    "--guide-option": None,
     "--debug": None,
 }
 
@@ -129,17 +134,61 @@ def test_help_lists_every_flag_with_default_and_choices(capsys):
     assert set(CONFIG_FLAGS) | set(OTHER_FLAGS) | {"--help"} == set(entries)
     defaults = Config()
     for flag in CONFIG_FLAGS:
-        # One default per flag, that of Config (the flag itself defaults to None, "not given").
+        # One default per flag, that of Config (the flag itself defaults to None, "not given"),
+        # shown as it is typed: a list default as its items (--hidden-dims 400 400), a None
+        # default in the words of NONE_DEFAULTS.
         default = getattr(defaults, flag[2:].replace("-", "_"))
-        assert re.findall(r"\(default: (.*?)\)", entries[flag]) == [str(default)], entries[flag]
+        shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
+        shown = NONE_DEFAULTS[flag] if default is None else shown
+        assert re.findall(r"\(default: (.*?)\)", entries[flag]) == [shown], entries[flag]
     for flag, default in OTHER_FLAGS.items():
         shown = re.findall(r"\(default: (.*?)\)", entries[flag])
         assert shown == ([] if default is None else [default]), entries[flag]
     registries = (DATASETS, ELBOS, GUIDES, LIKELIHOODS, PRIORS, ACTIVATIONS)
     for registry in registries:
         assert "{" + ",".join(sorted(registry)) + "}" in text
-    assert "{" + ",".join(BINARIZATIONS) + "}" in text
+    assert "{" + ",".join(sorted(BINARIZATIONS)) + "}" in text  # choices are listed sorted
     assert "(default: 0.001)" in text and "(default: digits)" in text
+
+
+def test_help_shows_each_default_once_and_no_measurements(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "hidden layer sizes of encoder and decoder (default: 400 400) --" in text
+    assert text.count("(default:") == text.count("(default: ") and "(default: None)" not in text
+    for command in ("train", "sample", "evaluate", "compare"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        for unit in ("minutes", "seconds on", "CPU cores", " GB", " MB", "faster"):
+            assert unit not in text, (command, unit)
+
+
+def test_config_fields_in_library_messages_become_flags():
+    assert name_flags("set config.batch_size to 5") == "set --batch-size to 5"
+    assert name_flags("(config.likelihood_kwargs={'num_levels': 17})") == (
+        "(--likelihood-option num_levels=17)"
+    )
+    assert name_flags("config.prior_kwargs={'a': 2, 'b': 'x'}") == (
+        "--prior-option a=2 --prior-option b='x'"
+    )
+    assert name_flags("config.prior_kwargs, config.guide_kwargs") == (
+        "--prior-option, --guide-option"
+    )
+    # Not a Config field: a file name, a path, another object's attribute.
+    for text in ("no config.json in runs/x", "runs/x/config.json", "config.colour"):
+        assert name_flags(text) == text
+
+
+def test_library_warnings_are_one_line_naming_flags(tmp_path):
+    args = [*TINY, "--epochs", "1", "--prior", "mixture", "--elbo", "meanfield"]
+    with pytest.warns(AnalyticKLWarning) as record:
+        assert main(["train", *args, "--prior-components", "2", "--out", str(tmp_path)]) == 0
+    (w,) = record
+    line = warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+    assert line.startswith("pyro-vae: warning: --elbo meanfield: KL(q || p) has no closed form")
+    assert line.endswith("(--elbo trace)\n") and line.count("\n") == 1
 
 
 def test_top_level_help_lists_the_subcommands(capsys):
@@ -164,7 +213,7 @@ def test_cuda_without_cuda_is_a_one_line_error(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["train", *TINY, "--device", "cuda"]) == 1
     err = one_line_error(capsys)
-    assert "CUDA is not available" in err and "--device cpu" in err
+    assert "CUDA is not available" in err and "use device 'cpu'" in err
 
 
 @pytest.mark.parametrize("command", [["train", *TINY], ["sample", "RUN"]])
@@ -266,7 +315,7 @@ def test_a_model_too_large_for_memory_is_a_one_line_error(capsys):
 def test_malloc_threshold_is_fixed_on_glibc():
     import platform
 
-    from pyro_vae.cli import fix_malloc_threshold
+    from pyro_vae.evaluate import fix_malloc_threshold
 
     assert fix_malloc_threshold() == (platform.libc_ver()[0] == "glibc")
 
@@ -288,7 +337,7 @@ def test_main_fixes_the_malloc_threshold_before_running_the_command(
 
     monkeypatch.setattr(cli_module, "fix_malloc_threshold", spy)
     monkeypatch.setattr(cli_module, "load_run", load_run_spy)
-    monkeypatch.setattr(cli_module, "load_config", load_run_spy)
+    monkeypatch.setattr(cli_module, "resume_run", load_run_spy)
     argv = [str(tmp_path) if a == "MISSING" else a for a in argv]
     assert main(argv) == 1
     one_line_error(capsys)
@@ -305,7 +354,7 @@ def test_one_dimensional_latent_trains_and_plots(tmp_path):
 def test_verbose_logs_each_epoch_and_quiet_does_not(tmp_path, monkeypatch, capsys):
     # pytest gives the root logger handlers, which would turn logging.basicConfig into a no-op.
     monkeypatch.setattr(logging.root, "handlers", [])
-    monkeypatch.setattr(cli_module, "save_figures", lambda *args: None)  # not under test; slow
+    monkeypatch.setattr("pyro_vae.runs.run_figures", lambda *args: {})  # not under test; slow
     level = logging.root.level
     try:
         for verbose, out in (["-v"], "loud"), ([], "quiet"):
@@ -348,14 +397,12 @@ def test_a_non_default_activation_is_trained_and_rebuilt_from_config_json(
     activation, tmp_path, monkeypatch
 ):
     trained = []
-    real_fit = cli_module.fit
 
-    def fit_spy(vae, *args, **kwargs):
+    def remember(vae, config, start_epoch):
         trained.append(vae)
-        return real_fit(vae, *args, **kwargs)
 
-    monkeypatch.setattr(cli_module, "fit", fit_spy)
-    monkeypatch.setattr(cli_module, "save_figures", lambda *args: None)  # not under test; slow
+    monkeypatch.setattr(cli_module, "train_run", with_hooks(train_run, on_train_start=remember))
+    monkeypatch.setattr("pyro_vae.runs.run_figures", lambda *args: {})  # not under test; slow
     out = tmp_path / "run"
     assert (
         main(["train", *TINY, "--epochs", "1", "--activation", activation, "--out", str(out)]) == 0

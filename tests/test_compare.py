@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pyro_vae import (
+    Comparison,
     compare_elbo_variance,
     compare_gradient_variance,
     compare_run,
@@ -13,8 +14,8 @@ from pyro_vae import (
     load_run,
 )
 from pyro_vae.cli import main
-from pyro_vae.compare import format_comparison_markdown, write_comparison
 from pyro_vae.objectives import get_elbo
+from pyro_vae.report import format_comparison_markdown
 
 #: log p(x) of 64 pixels under a coin-flip model, the worst a trained Bernoulli model does.
 COIN_FLIPS = 64 * math.log(0.5)
@@ -128,11 +129,11 @@ def test_training_curves_start_from_one_initialisation(run_dir, digits):
 
 def test_no_analytic_kl_is_said_plainly_and_the_estimators_coincide(mixture_run_dir):
     result = compare_run(mixture_run_dir, num_draws=5, num_points=30, batch_size=16, train_epochs=0)
-    assert not result["analytic_kl_available"]
-    assert "no analytic KL" in result["note"] and "MixtureOfGaussians" in result["note"]
-    assert result["training"] is None
+    assert not result.analytic_kl_available
+    assert "no analytic KL" in result.note and "MixtureOfGaussians" in result.note
+    assert result.training is None
     # TraceMeanField_ELBO falls back to the Monte Carlo KL: the same gradients, draw by draw.
-    for ratio in result["gradient_variance"]["variance_ratio"].values():
+    for ratio in result.gradient_variance["variance_ratio"].values():
         assert ratio == pytest.approx(1.0, rel=1e-4)
     markdown = format_comparison_markdown(result, "pyro-vae compare X")
     assert "no analytic KL" in markdown and "pyro-vae compare X" in markdown
@@ -153,16 +154,40 @@ def test_cli_compare_writes_json_markdown_and_figures(run_dir, capsys):
     assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_write_comparison_without_training_skips_the_curves(mixture_run_dir, tmp_path):
-    result = compare_run(mixture_run_dir, num_draws=3, num_points=10, batch_size=8, train_epochs=0)
-    names = {p.name for p in write_comparison(tmp_path, result)}
-    assert names == {"comparison.json", "comparison.md", "comparison_std_ratio.png"}
+def test_compare_run_returns_a_comparison_whose_dict_is_comparison_json(run_dir):
+    state = torch.get_rng_state()
+    result = compare_run(run_dir, num_draws=3, num_points=10, batch_size=8, train_epochs=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert isinstance(result, Comparison) and result.analytic_kl_available
+    assert result.note is None and result.run_dir == str(run_dir)
+    data = result.as_dict()
+    assert list(data) == [
+        "run_dir",
+        "model",
+        "analytic_kl_available",
+        "note",
+        "settings",
+        "elbo_variance",
+        "gradient_variance",
+        "training",
+    ]
+    assert data["settings"] == {
+        "num_draws": 3,
+        "num_points": 10,
+        "batch_size": 8,
+        "train_epochs": 0,
+        "seed": 0,
+    }
+    assert Comparison(**data) == result
+    again = compare_run(run_dir, num_draws=3, num_points=10, batch_size=8, train_epochs=0)
+    assert again.elbo_variance == result.elbo_variance
+    assert again.gradient_variance == result.gradient_variance
 
 
 def test_bad_arguments_errors(run_dir, capsys):
     with pytest.raises(ValueError, match="num_draws must be an integer >= 2, got 1"):
         compare_run(run_dir, num_draws=1)
-    with pytest.raises(ValueError, match="train_epochs must be an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match="train_epochs must be a non-negative integer, got -1"):
         compare_run(run_dir, train_epochs=-1)
     assert main(["compare", str(run_dir), "--draws", "1"]) == 2
     err = capsys.readouterr().err

@@ -12,6 +12,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from pyro_vae import VAE
 from pyro_vae.data import (
     BINARIZATIONS,
     DATASETS,
@@ -20,6 +21,8 @@ from pyro_vae.data import (
     default_data_dir,
     iterate_batches,
     load_dataset,
+    resolve_binarize,
+    select_split,
 )
 
 # Real MNIST beside the repository: CI runs on a fresh clone with ../shared next to it.
@@ -233,7 +236,7 @@ def test_missing_files_without_network_error(name, class_name, mirror, monkeypat
     message = str(excinfo.value)
     assert "\n" not in message
     assert all(file_name in message for file_name in IDX_FILE_SIZES)
-    assert "--data-dir" in message and "PYRO_VAE_DATA" in message
+    assert "config.data_dir" in message and "PYRO_VAE_DATA" in message
     assert "download failed" in message
 
 
@@ -359,13 +362,52 @@ def test_load_dataset_unknown_name_error():
 
 
 def test_load_dataset_unknown_binarization_error():
-    with pytest.raises(ValueError, match=r"'bogus'.*" + re.escape(str(list(BINARIZATIONS)))):
+    with pytest.raises(ValueError, match=r"'bogus'.*" + re.escape(str(sorted(BINARIZATIONS)))):
         load_dataset("digits", binarize="bogus")
 
 
 def test_load_dataset_unknown_device_error():
     with pytest.raises(ValueError, match="unknown device 'gpu'"):
         load_dataset("digits", device="gpu")
+
+
+def test_load_dataset_resolves_device_names(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert load_dataset("digits", device="auto").train_x.device.type == "cpu"
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        load_dataset("digits", device="cuda")
+
+
+# ----------------------------------------------------------------- binarization policy
+
+
+def test_resolve_binarize_follows_the_likelihood_support():
+    vae = VAE(64, hidden_dims=(8,))
+    assert resolve_binarize(None, vae.likelihood) == "dynamic"
+    assert resolve_binarize("none", vae.likelihood) == "none"
+    gaussian = VAE(64, hidden_dims=(8,), likelihood="normal")
+    assert resolve_binarize(None, gaussian.likelihood) == "none"
+    assert resolve_binarize(None, type(gaussian.likelihood)) == "none"
+
+
+def test_train_split_is_binarized_with_a_fixed_seed(digits):
+    state = torch.get_rng_state()
+    x = select_split(digits, "train")
+    assert torch.equal(x, select_split(digits, "train"))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert set(x.unique().tolist()) == {0.0, 1.0} and x.shape == digits.train_x.shape
+    assert select_split(digits, "test") is digits.test_x
+
+
+def test_select_split_of_grey_or_static_data_is_the_split_itself(load_grey):
+    grey = load_grey("digits")
+    assert select_split(grey, "train") is grey.train_x
+    static = load_dataset("digits", binarize="static")
+    assert select_split(static, "train") is static.train_x
+    with pytest.raises(
+        ValueError, match=r"unknown split 'valid'; choose one of \['test', 'train'\]"
+    ):
+        select_split(grey, "valid")
 
 
 # ------------------------------------------------------------------------- default_data_dir
@@ -436,12 +478,12 @@ def test_iterate_batches_dynamic_binarization():
 @pytest.mark.parametrize("batch_size", [0, -1, 11])
 def test_iterate_batches_bad_batch_size_error(batch_size):
     # raised at the call, before any batch is requested
-    with pytest.raises(ValueError, match=rf"between 1 and .*10, got {batch_size}"):
+    with pytest.raises(ValueError, match=rf"in \[1, 10\], got {batch_size}"):
         iterate_batches(torch.zeros(10, 2), batch_size)
 
 
 def test_iterate_batches_bad_input_errors():
-    with pytest.raises(TypeError, match="batch_size must be an int, got 2.0"):
+    with pytest.raises(ValueError, match=r"batch_size must be an integer in \[1, 10\], got 2.0"):
         iterate_batches(torch.zeros(10, 2), 2.0)
     with pytest.raises(ValueError, match="empty tensor"):
         iterate_batches(torch.zeros(0, 2), 1)
@@ -468,6 +510,6 @@ def test_check_finite_error_names_count_and_rows():
 
 
 def test_download_off_never_writes_into_the_data_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"downloading is off .*--data-dir"):
+    with pytest.raises(FileNotFoundError, match=r"downloading is off .*config\.data_dir"):
         load_dataset("mnist", tmp_path, download=False)
     assert list(tmp_path.iterdir()) == []

@@ -12,13 +12,15 @@ from torch import nn
 from pyro_vae import VAE
 from pyro_vae.estimators import (
     DEFAULT_MAX_ELEMENTS,
+    AnalyticKLWarning,
+    RunningMoments,
     _chunk_sizes,
     _RunningLogMeanExp,
-    _RunningMoments,
     estimate_elbo,
     estimate_elbo_terms,
     estimate_log_likelihood,
     estimate_log_likelihood_curve,
+    sampled_kl_sites,
 )
 from pyro_vae.guides import GUIDES
 from pyro_vae.priors import PRIORS
@@ -348,19 +350,91 @@ def test_missing_analytic_kl_warns_names_site_and_samples_it():
     bt = BernoulliTanh(mixture_prior=True)
     x = bt.sample(6)
     bt.fit_guide(x)
-    with pytest.warns(UserWarning, match=r"no analytic KL for latent site 'z'"):
+    with pytest.warns(AnalyticKLWarning, match=r"no analytic KL for latent site 'z'"):
         terms = estimate_elbo_terms(bt.model, bt.guide, x, analytic_kl=True, num_particles=2000)
     assert terms.analytic_sites == () and terms.sampled_sites == ("z",)
     assert_within_stderr(terms.elbo, bt.elbo(x), terms.stderr)
 
     pyro.set_rng_seed(3)
-    with pytest.warns(UserWarning, match="'z'"):
+    with pytest.warns(AnalyticKLWarning, match="'z'"):
         analytic = estimate_elbo(bt.model, bt.guide, x, analytic_kl=True, num_particles=5)
     pyro.set_rng_seed(3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sampled = estimate_elbo(bt.model, bt.guide, x, analytic_kl=False, num_particles=5)
     torch.testing.assert_close(analytic, sampled)
+
+
+def test_analytic_kl_warning_is_a_user_warning_filtered_by_category():
+    assert issubclass(AnalyticKLWarning, UserWarning)
+    bt = BernoulliTanh(mixture_prior=True)
+    x = bt.sample(3)
+    bt.fit_guide(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", AnalyticKLWarning)
+        terms = estimate_elbo_terms(bt.model, bt.guide, x, analytic_kl=True)
+    assert terms.sampled_sites == ("z",)
+
+
+def test_sampled_kl_sites_names_the_sites_without_a_closed_form():
+    bt = BernoulliTanh(mixture_prior=True)
+    x = bt.sample(4)
+    bt.fit_guide(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no AnalyticKLWarning, nor any other warning
+        assert sampled_kl_sites(bt.model, bt.guide, x) == ("z",)
+        lg = LinearGaussian()
+        assert sampled_kl_sites(lg.model, lg.poor_guide, lg.sample(3)) == ()
+        nested = LinearGaussian(nested=True)
+        y = nested.sample(3)
+        assert sampled_kl_sites(nested.model, nested.exact_guide, y, max_plate_nesting=2) == ()
+
+
+def one_latent_model(prior):
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", prior)
+            pyro.sample("x", dist.Normal(x.new_zeros(x.shape), 1.0).to_event(1), obs=x)
+
+    return model
+
+
+def normal_guide(x):
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 3), 1.0).to_event(1))
+
+
+def test_sampled_kl_sites_small_instances():
+    x = torch.randn(2, 3)
+    laplace = one_latent_model(dist.Laplace(torch.zeros(3), 1.0).to_event(1))
+    student = one_latent_model(dist.StudentT(3.0, torch.zeros(3), 1.0).to_event(1))
+    assert sampled_kl_sites(laplace, normal_guide, x) == ()
+    assert sampled_kl_sites(student, normal_guide, x) == ("z",)
+
+
+def test_sampled_kl_sites_leaves_the_random_state_and_grads_alone():
+    tiny = TinyModel()
+    x = torch.randn(5, 4)
+    before = torch.get_rng_state()
+    assert sampled_kl_sites(tiny.model, tiny.guide, x) == ()
+    assert torch.equal(torch.get_rng_state(), before)
+    assert tiny.decoder.weight.grad is None
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        sampled_kl_sites(tiny.model, tiny.guide, x.tolist())
+
+
+def test_shared_options_are_keyword_only():
+    lg = LinearGaussian()
+    x = lg.sample(3)
+    with pytest.raises(TypeError):
+        estimate_elbo_terms(lg.model, lg.exact_guide, x, False, 1, "data")
+    with pytest.raises(TypeError):
+        estimate_log_likelihood(lg.model, lg.exact_guide, x, 5, None)
+    with pytest.raises(TypeError):
+        estimate_log_likelihood_curve(lg.model, lg.exact_guide, x, (1, 5), None)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
+        estimate_elbo(lg.model, lg.exact_guide, x, colour=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,7 +638,7 @@ def test_every_pass_fits_the_memory_budget(estimator, data_dim, num_data, num, m
 
 def test_running_accumulators_match_direct_computation():
     values = 30 * torch.randn(50, 4, dtype=torch.float64) - 100
-    log_mean_exp, moments = _RunningLogMeanExp(), _RunningMoments()
+    log_mean_exp, moments = _RunningLogMeanExp(), RunningMoments()
     for chunk in values.split(7):
         log_mean_exp.update(chunk)
         moments.update(chunk)
@@ -575,6 +649,11 @@ def test_running_accumulators_match_direct_computation():
     torch.testing.assert_close(stderr, expected)
     torch.testing.assert_close(moments.mean, values.mean(0))
     torch.testing.assert_close(moments.stderr(), values.std(0) / 50**0.5)
+    torch.testing.assert_close(moments.variance(), values.var(0))
+    assert moments.count == 50
+    single = RunningMoments()
+    single.update(values[:1])
+    assert single.variance().isnan().all() and single.stderr().isnan().all()
 
 
 def test_scale_is_ignored_mask_is_honoured():
@@ -756,6 +835,65 @@ def test_batch_dims_left_of_plates_error():
 
     with pytest.raises(ValueError, match=r"site 'x' has batch shape \(2, 1, 3\)"):
         estimate_elbo(model, lambda x: None, torch.randn(3, 1))
+
+
+def test_guide_that_cannot_take_a_slice_of_the_rows_names_the_contract():
+    lg = LinearGaussian()
+    x = lg.sample(6)
+    table = lg.post_loc(x)  # a guide fixed to the 6 rows it was built for
+
+    def fixed_guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(table, 1.0).to_event(1))
+
+    assert estimate_elbo(lg.model, fixed_guide, x).shape == (6,)  # all rows in one pass: fine
+    with pytest.raises(ValueError, match=r"guide\(x\) failed on 2 rows of x") as info:
+        estimate_elbo(lg.model, fixed_guide, x, batch_size=2)
+    message = str(info.value)
+    assert "take any slice x[i:j] of the rows" in message and "contract" in message
+    assert "pass batch_size=6" in message and "Shape mismatch" in message
+    assert isinstance(info.value.__cause__, ValueError)  # Pyro's error, kept as the cause
+
+
+def test_model_that_does_not_broadcast_over_particles_names_the_contract():
+    lg = LinearGaussian()
+
+    def flat_model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            loc = torch.mm(z, lg.W.T)  # a matrix product that only takes (N, d)
+            pyro.sample("x", dist.Normal(loc, lg.sigma).to_event(1), obs=x)
+
+    with pytest.raises(
+        ValueError, match=r"model\(x\), replayed on the guide's draws, failed"
+    ) as info:
+        estimate_log_likelihood(flat_model, lg.poor_guide, lg.sample(3), 4)
+    message = str(info.value)
+    assert "pyro.plate('particles', 4, dim=-2)" in message and "RuntimeError" in message
+    assert "broadcast over the particles dimension" in message
+    assert "batch_size=" not in message  # the rows were not split
+    assert type(info.value.__cause__) is RuntimeError
+
+
+def test_errors_of_the_package_and_of_user_code_pass_unchanged():
+    lg = LinearGaussian()
+    vae = VAE(data_dim=16, latent_dim=2, hidden_dims=(8,))
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 16\), got \(3, 5\)") as info:
+        estimate_elbo(vae.model, vae.guide, lg.sample(3))
+    assert "contract" not in str(info.value)
+
+    def picky_guide(x):
+        raise ValueError("my guide wants more data")
+
+    with pytest.raises(ValueError, match="^my guide wants more data") as info:
+        estimate_elbo(lg.model, picky_guide, lg.sample(3))
+    assert "contract" not in str(info.value)
+
+    def lazy_guide(x):
+        raise NotImplementedError("not written yet")
+
+    with pytest.raises(NotImplementedError, match="not written yet"):
+        estimate_elbo(lg.model, lazy_guide, lg.sample(3))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
+import dataclasses
 import json
 import math
+import platform
 import resource
 import sys
 import time
@@ -8,10 +10,12 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_vae import VAE, active_units, evaluate_run, evaluate_vae, load_run
+from pyro_vae import VAE, Evaluation, active_units, evaluate_run, evaluate_vae, load_run
 from pyro_vae.cli import main
-from pyro_vae.evaluate import EVALUATION_FILE, select_split
-from pyro_vae.guides import inverse_positive_scale
+from pyro_vae.data import select_split
+from pyro_vae.distributions import inverse_positive_scale
+from pyro_vae.evaluate import RUN_FIELDS, fix_malloc_threshold
+from pyro_vae.report import EVALUATION_FILE
 
 #: log p(x) of 64 pixels under a coin-flip model, the worst a trained Bernoulli model does.
 COIN_FLIPS = 64 * math.log(0.5)
@@ -50,33 +54,76 @@ def result(measured):
 
 
 def test_evaluate_run_reports_every_quantity(result, measured):
+    data = result.as_dict()
     for key in ("elbo", "reconstruction", "kl", "log_likelihood", "bits_per_dim"):
-        assert key in result
-    assert {"active_units", "seconds", "peak_memory_mb", "analytic_kl_available"} <= set(result)
-    assert result["dataset"] == "digits" and result["split"] == "test"
-    assert result["binarize"] == "dynamic" and result["num_datapoints"] == 300
-    assert [row["k"] for row in result["log_likelihood"]] == [1, 10, 100]
-    assert result["analytic_kl_available"] and result["note"] is None
-    assert result["elbo"]["analytic_kl"]["analytic_sites"] == ["z"]
-    assert result["elbo"]["monte_carlo"]["sampled_sites"] == ["z"]
-    assert result["log_likelihood"][0]["mc_stderr"] is None  # undefined for K = 1
-    seconds = result["seconds"]
+        assert key in data
+    assert {"active_units", "seconds", "peak_memory_mb", "analytic_kl_available"} <= set(data)
+    assert result.dataset == "digits" and result.split == "test"
+    assert result.binarize == "dynamic" and result.num_datapoints == 300
+    assert [row["k"] for row in result.log_likelihood] == [1, 10, 100]
+    assert result.analytic_kl_available and result.note is None
+    assert result.elbo["analytic_kl"]["analytic_sites"] == ["z"]
+    assert result.elbo["monte_carlo"]["sampled_sites"] == ["z"]
+    assert result.log_likelihood[0]["mc_stderr"] is None  # undefined for K = 1
+    seconds = result.seconds
     assert 0 < seconds["total"] <= measured["seconds"]
     parts = seconds["elbo"] + seconds["log_likelihood"] + seconds["active_units"]
     assert parts == pytest.approx(seconds["total"], rel=1e-9)
     # The process's peak resident memory in MB: between the peaks before and after the call.
     rss_before, rss_after = measured["rss_mb"]
-    assert rss_before <= result["peak_memory_mb"] <= rss_after
-    json.dumps(result, allow_nan=False)
+    assert rss_before <= result.peak_memory_mb <= rss_after
+    json.dumps(data, allow_nan=False)
+
+
+def test_evaluation_as_dict_is_evaluation_json_in_its_order(result):
+    data = result.as_dict()
+    assert list(data) == [
+        *RUN_FIELDS,
+        "num_datapoints",
+        "data_dim",
+        "seed",
+        "num_samples",
+        "elbo",
+        "analytic_kl_available",
+        "reconstruction",
+        "kl",
+        "log_likelihood",
+        "bits_per_dim",
+        "bits_per_dim_k",
+        "active_units",
+        "note",
+        "seconds",
+        "peak_memory_mb",
+    ]
+    assert data["model"] == {
+        "dataset": "digits",
+        "prior": "normal",
+        "likelihood": "bernoulli",
+        "guide": "diagonal",
+        "latent_dim": 2,
+        "hidden_dims": [16],
+        "trained_with_elbo": "trace",
+        "epochs": 2,
+    }
+    assert Evaluation(**{**data, "model": dict(data["model"])}) == result
+
+
+def test_evaluate_vae_has_no_run_fields(run_dir, digits):
+    vae = load_run(run_dir).vae
+    result = evaluate_vae(vae, digits.test_x[:20], num_samples=5, ks=(1,))
+    assert isinstance(result, Evaluation) and result.run_dir is None
+    data = result.as_dict()
+    assert not set(RUN_FIELDS) & set(data) and list(data)[0] == "num_datapoints"
+    assert [row["k"] for row in result.log_likelihood] == [1, 5]
 
 
 def test_log_likelihood_increases_with_num_samples(result):
-    means = [row["mean"] for row in result["log_likelihood"]]
+    means = [row["mean"] for row in result.log_likelihood]
     assert means[-1] > means[0]
-    for lower, higher in zip(result["log_likelihood"], result["log_likelihood"][1:]):
+    for lower, higher in zip(result.log_likelihood, result.log_likelihood[1:]):
         assert higher["mean"] >= lower["mean"] - 3 * (lower["mc_stderr"] or 0)
     # The ELBO is a lower bound of the IWAE bound for any K > 1.
-    assert result["elbo"]["analytic_kl"]["mean"] < means[-1]
+    assert result.elbo["analytic_kl"]["mean"] < means[-1]
 
 
 def test_log_likelihood_matches_an_independent_importance_sampler(run_dir, digits, result):
@@ -86,7 +133,7 @@ def test_log_likelihood_matches_an_independent_importance_sampler(run_dir, digit
     Carlo ELBO within the noise of one draw per datapoint."""
     vae = load_run(run_dir).vae
     x = select_split(digits, "test")
-    assert x.shape[0] == result["num_datapoints"]
+    assert x.shape[0] == result.num_datapoints
     k = 100
     torch.manual_seed(1)
     with torch.no_grad():
@@ -96,13 +143,13 @@ def test_log_likelihood_matches_an_independent_importance_sampler(run_dir, digit
     log_px = log_w.logsumexp(0) - math.log(k)
     v = log_w.softmax(0)
     mc_stderr = ((k * v.pow(2).sum(0) - 1) / (k - 1)).mean().sqrt() / math.sqrt(x.shape[0])
-    row = result["log_likelihood"][-1]
+    row = result.log_likelihood[-1]
     assert row["k"] == k
     tolerance = 4.5 * math.hypot(row["mc_stderr"], mc_stderr)
     assert abs(row["mean"] - log_px.mean().item()) < tolerance, (row, log_px.mean(), tolerance)
     assert tolerance < 0.2
 
-    one, elbo = result["log_likelihood"][0], result["elbo"]["monte_carlo"]
+    one, elbo = result.log_likelihood[0], result.elbo["monte_carlo"]
     assert one["k"] == 1
     # mc_stderr * sqrt(P) is the noise of a mean of one draw per datapoint.
     tolerance = 4.5 * elbo["mc_stderr"] * math.sqrt(NUM_ELBO_PARTICLES + 1)
@@ -113,18 +160,18 @@ def test_elbo_estimators_agree_within_standard_errors(result):
     """The two estimators estimate the same ELBO on the same datapoints: their paired
     difference has only Monte Carlo noise (0.02 nats with 100 draws per datapoint on 300), so
     an analytic KL 15% off (0.25 nats here) is resolved."""
-    an = result["elbo"]["analytic_kl"]
-    difference = result["elbo"]["difference"]
+    an = result.elbo["analytic_kl"]
+    difference = result.elbo["difference"]
     assert abs(difference["mean"]) < 4 * difference["stderr"]
-    assert 4 * difference["stderr"] < 0.15 * result["kl"] / 2
-    assert result["reconstruction"] - result["kl"] == pytest.approx(an["mean"], abs=1e-4)
-    assert result["kl"] > 0
+    assert 4 * difference["stderr"] < 0.15 * result.kl / 2
+    assert result.reconstruction - result.kl == pytest.approx(an["mean"], abs=1e-4)
+    assert result.kl > 0
 
 
 def test_bits_per_dim_is_minus_log_likelihood_over_dims_ln2(result):
-    best = result["log_likelihood"][-1]
-    assert result["bits_per_dim_k"] == best["k"] == 100
-    assert result["bits_per_dim"] == -best["mean"] / (64 * math.log(2))
+    best = result.log_likelihood[-1]
+    assert result.bits_per_dim_k == best["k"] == 100
+    assert result.bits_per_dim == -best["mean"] / (64 * math.log(2))
 
 
 def test_a_coin_flip_model_has_one_bit_per_dim(digits):
@@ -139,19 +186,19 @@ def test_a_coin_flip_model_has_one_bit_per_dim(digits):
             layer.bias.zero_()
         vae.encoder[-1].bias[2:] = inverse_positive_scale(1.0)  # q(z|x) = N(0, I)
     result = evaluate_vae(vae, select_split(digits, "test")[:50], num_samples=20)
-    assert result["bits_per_dim"] == pytest.approx(1.0, abs=1e-6)
-    assert [row["k"] for row in result["log_likelihood"]] == [1, 10, 20]
-    for row in result["log_likelihood"]:
+    assert result.bits_per_dim == pytest.approx(1.0, abs=1e-6)
+    assert [row["k"] for row in result.log_likelihood] == [1, 10, 20]
+    for row in result.log_likelihood:
         assert row["mean"] == pytest.approx(COIN_FLIPS, abs=1e-4)
     for estimator in ("monte_carlo", "analytic_kl"):
-        elbo = result["elbo"][estimator]
+        elbo = result.elbo[estimator]
         assert elbo["mean"] == pytest.approx(COIN_FLIPS, abs=1e-4)
         assert elbo["kl"] == pytest.approx(0.0, abs=1e-4)
-    assert result["active_units"]["count"] == 0
+    assert result.active_units["count"] == 0
 
 
 def test_active_units_count_matches_variances(result, run_dir, digits):
-    active = result["active_units"]
+    active = result.active_units
     assert len(active["variances"]) == 2
     assert active["count"] == sum(v > active["threshold"] for v in active["variances"])
     assert active["posterior_mean"] == "closed form"
@@ -225,40 +272,41 @@ def test_evaluation_repeats_with_seed_and_restores_the_rng(run_dir):
     first = evaluate_run(run_dir, num_samples=10, limit=20, seed=3)
     assert torch.equal(torch.get_rng_state(), state)
     second = evaluate_run(run_dir, num_samples=10, limit=20, seed=3)
-    assert first["log_likelihood"] == second["log_likelihood"]
-    assert first["elbo"] == second["elbo"] and first["num_datapoints"] == 20
+    assert first.log_likelihood == second.log_likelihood
+    assert first.elbo == second.elbo and first.num_datapoints == 20
     # The seed, not the caller's RNG state, fixes the draws: another seed gives other
     # numbers, and seed 3 repeats from another global state.
     other = evaluate_run(run_dir, num_samples=10, limit=20, seed=4)
-    assert other["log_likelihood"] != first["log_likelihood"]
-    assert other["elbo"] != first["elbo"]
+    assert other.log_likelihood != first.log_likelihood
+    assert other.elbo != first.elbo
     torch.manual_seed(999)
     third = evaluate_run(run_dir, num_samples=10, limit=20, seed=3)
-    assert third["log_likelihood"] == first["log_likelihood"] and third["elbo"] == first["elbo"]
-
-
-def test_train_split_is_binarized_with_a_fixed_seed(digits):
-    state = torch.get_rng_state()
-    x = select_split(digits, "train")
-    assert torch.equal(x, select_split(digits, "train"))
-    assert torch.equal(torch.get_rng_state(), state)
-    assert set(x.unique().tolist()) == {0.0, 1.0} and x.shape == digits.train_x.shape
-    assert select_split(digits, "test") is digits.test_x
+    assert third.log_likelihood == first.log_likelihood and third.elbo == first.elbo
 
 
 def test_evaluate_train_split_and_tensor_input(run_dir, digits):
     result = evaluate_run(run_dir, split="train", num_samples=5, limit=50)
-    assert result["split"] == "train" and result["num_datapoints"] == 50
+    assert result.split == "train" and result.num_datapoints == 50
     x = select_split(digits, "train")[:50]
-    assert evaluate_run(run_dir, x, num_samples=5)["log_likelihood"] == result["log_likelihood"]
+    assert evaluate_run(run_dir, x, num_samples=5).log_likelihood == result.log_likelihood
 
 
 def test_no_analytic_kl_is_said_plainly(tmp_path, train_tiny_run):
     run_dir = train_tiny_run(tmp_path / "mixture", prior="mixture")
-    result = evaluate_run(load_run(run_dir), num_samples=5, limit=30)
-    assert not result["analytic_kl_available"]
-    assert result["elbo"]["analytic_kl"]["analytic_sites"] == []
-    assert "no analytic KL" in result["note"] and "'z'" in result["note"]
+    run = load_run(run_dir)
+    result = evaluate_run(run, num_samples=5, limit=30)
+    assert not result.analytic_kl_available
+    assert result.elbo["analytic_kl"]["analytic_sites"] == []
+    assert "no analytic KL" in result.note and "'z'" in result.note
+    assert "MixtureOfGaussians" in result.note
+
+
+def test_evaluate_run_leaves_the_callers_run_config_alone(run_dir):
+    run = load_run(run_dir)
+    run = dataclasses.replace(run, config=dataclasses.replace(run.config, binarize=None))
+    result = evaluate_run(run, num_samples=2, limit=5)
+    assert result.binarize == "dynamic"  # resolved from the Bernoulli likelihood
+    assert run.config.binarize is None
 
 
 def test_bad_arguments_errors(run_dir):
@@ -313,3 +361,18 @@ def test_cli_evaluate_bad_values_exit_2_with_one_line(run_dir, capsys, flags, me
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_data_folder_named_in_the_run_must_exist(run_dir, tmp_path):
+    run = load_run(run_dir)
+    moved = dataclasses.replace(run.config, data_dir=str(tmp_path / "gone"))
+    with pytest.raises(FileNotFoundError, match="the data folder .*gone.* does not exist here"):
+        evaluate_run(dataclasses.replace(run, config=moved), num_samples=2, limit=5)
+    result = evaluate_run(
+        dataclasses.replace(run, config=moved), num_samples=2, limit=5, data_dir=tmp_path
+    )
+    assert result.num_datapoints == 5 and not (tmp_path / "gone").exists()
+
+
+def test_malloc_threshold_is_fixed_on_glibc():
+    assert fix_malloc_threshold() == (platform.libc_ver()[0] == "glibc")

@@ -30,7 +30,7 @@ def check_swap_prior(out: str, folder: Path) -> None:
 
 
 def check_swap_likelihood(out: str, folder: Path) -> None:
-    assert "--likelihood-option num_levels=17" in out
+    assert "config.likelihood_kwargs={'num_levels': 17}" in out  # the library names the field
     names = re.findall(r"^([a-z_]+) +-?\d+\.\d+ +\d+\.\d+", out, re.M)
     assert names == [
         "bernoulli",

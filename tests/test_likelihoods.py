@@ -8,12 +8,8 @@ from pyro.optim import Adam
 from torch.distributions import Independent, constraints
 
 from pyro_vae import VAE
-from pyro_vae.likelihoods import (
-    LIKELIHOODS,
-    DiscretizedLogisticDistribution,
-    QuantizedUnitInterval,
-    get_likelihood,
-)
+from pyro_vae.distributions import QuantizedUnitInterval
+from pyro_vae.likelihoods import LIKELIHOODS, get_likelihood
 
 DATA_DIM = 64
 #: Candidate data outside every bounded support: below 0, between two 8-bit levels, above 1.
@@ -283,84 +279,6 @@ def test_likelihood_parameters_get_elbo_gradients_and_change_in_training(name):
     assert {n for n, p in params.items() if not torch.equal(p.detach(), before[n])} == set(params)
 
 
-ALL_LEVELS = torch.arange(256, dtype=torch.float64) / 255
-
-
-@pytest.mark.parametrize("scale", [1e-4, 1e-3, 0.01, 0.3, 10.0, 1e4])
-@pytest.mark.parametrize("loc", [-2.0, 0.0, 0.3, 0.5 + 0.5 / 255, 1.0, 3.0])
-def test_discretized_logistic_masses_sum_to_one(loc, scale):
-    p = DiscretizedLogisticDistribution(torch.tensor(loc), torch.tensor(scale))
-    log_p = p.log_prob(ALL_LEVELS.float())
-    assert torch.isfinite(log_p).all()
-    torch.testing.assert_close(log_p.logsumexp(0), torch.tensor(0.0), atol=1e-5, rtol=0)
-    torch.testing.assert_close(p.mean, (ALL_LEVELS.float() * log_p.exp()).sum(), atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("scale", [1e-3, 0.05, 0.3, 2.0])
-@pytest.mark.parametrize("loc", [0.0, 0.3, 0.9])
-def test_discretized_logistic_matches_float64_cdf_differences(loc, scale):
-    half = 0.5 / 255
-    upper = torch.where(ALL_LEVELS < 1, (ALL_LEVELS + half - loc) / scale, math.inf)
-    lower = torch.where(ALL_LEVELS > 0, (ALL_LEVELS - half - loc) / scale, -math.inf)
-    # Plain differences of float64 sigmoids, taken in the tail where they do not cancel.
-    right = ALL_LEVELS > loc
-    mass = torch.where(
-        right,
-        torch.sigmoid(-lower) - torch.sigmoid(-upper),
-        torch.sigmoid(upper) - torch.sigmoid(lower),
-    )
-    p = DiscretizedLogisticDistribution(torch.tensor(loc), torch.tensor(scale))
-    log_p = p.log_prob(ALL_LEVELS.float()).double()
-    kept = mass > 1e-250  # where float64 itself still resolves the mass
-    assert kept.sum() > 1
-    torch.testing.assert_close(log_p[kept], mass[kept].log(), atol=1e-4, rtol=1e-5)
-
-
-def test_discretized_logistic_tiny_masses_have_accurate_logs_and_gradients():
-    # Bin 0.5 under a logistic at 0 with scale 1e-3: mass about exp(-498), far below float32.
-    loc = torch.tensor(0.0, requires_grad=True)
-    scale = torch.tensor(1e-3, requires_grad=True)
-    value = torch.tensor(127.0 / 255)
-    log_p = DiscretizedLogisticDistribution(loc, scale).log_prob(value)
-    upper, lower = (127.5 / 255) / 1e-3, (126.5 / 255) / 1e-3
-    expected = -lower + math.log1p(-math.exp(lower - upper))
-    assert log_p.item() == pytest.approx(expected, rel=1e-5)
-    log_p.backward()
-    assert torch.isfinite(loc.grad) and torch.isfinite(scale.grad)
-    assert loc.grad > 0  # moving the logistic towards the bin raises its mass
-
-
-def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's goodness-of-fit p-value of ``counts`` against ``probs`` over the same cells,
-    cells expecting fewer than 5 draws pooled into one."""
-    expected = counts.sum() * probs
-    rare = expected < 5
-    observed = torch.cat([counts[~rare], counts[rare].sum().view(1)])
-    expected = torch.cat([expected[~rare], expected[rare].sum().view(1)])
-    statistic = ((observed - expected) ** 2 / expected).sum()
-    dof = torch.tensor(observed.numel() - 1, dtype=torch.float64)
-    return torch.special.gammaincc(dof / 2, statistic / 2).item()
-
-
-def test_discretized_logistic_samples_follow_its_pmf():
-    # Locations on, between and near the edge levels; scales from 1 bin, where the sampler's
-    # rounding decides which level a draw lands on (a floor shifts every draw by half a bin:
-    # noncentrality about N / (12 scale^2) in bins, over 1,000 here), to 25 bins.
-    loc = torch.tensor([0.2, 0.97, 0.3, 0.5 + 0.37 / 255, 0.01], dtype=torch.float64)
-    scale = torch.tensor([0.05, 0.1, 1 / 255, 2 / 255, 3 / 255], dtype=torch.float64)
-    p = DiscretizedLogisticDistribution(loc, scale)
-    x = p.sample((20000,))
-    assert QuantizedUnitInterval(256).check(x).all()
-    pmf = p.log_prob(ALL_LEVELS.unsqueeze(-1)).exp()  # (level, pixel)
-    variance = (pmf * (ALL_LEVELS.unsqueeze(-1) - p.mean) ** 2).sum(0)
-    # 5 standard errors of the 20,000-draw mean: 3.2e-3 for the first pixel (sd 0.09).
-    assert ((x.mean(0) - p.mean).abs() < 5 * (variance / x.shape[0]).sqrt()).all()
-    counts = torch.zeros_like(pmf).scatter_add_(0, (x * 255).round().long(), torch.ones_like(x))
-    for pixel in range(loc.numel()):
-        # 5 pixels at a threshold of 1e-6: a false alarm about once in 200,000 seeds.
-        assert chi_square_p_value(counts[:, pixel], pmf[:, pixel]) > 1e-6, pixel
-
-
 def test_discretized_logistic_likelihood_splits_loc_and_log_scale():
     likelihood = get_likelihood("discretized_logistic", 3)
     assert likelihood.output_dim == 6
@@ -421,13 +339,48 @@ def test_get_likelihood_unknown_name_error():
 @pytest.mark.parametrize(
     "name, kwargs, message",
     [
-        ("normal", {"scale": 0}, "normal likelihood scale must be a positive number"),
-        ("laplace", {"scale": -1.0}, "laplace likelihood scale must be a positive number"),
+        ("normal", {"scale": 0}, "normal likelihood scale must be a positive finite number"),
+        ("laplace", {"scale": -1.0}, "laplace likelihood scale must be a positive finite number"),
+        ("normal", {"scale": math.inf}, "normal likelihood scale must be a positive finite number"),
         ("learned_normal", {"min_scale": 0}, "learned_normal likelihood min_scale must be"),
         ("learned_normal", {"init_scale": 1e-4}, "init_scale must exceed min_scale"),
-        ("discretized_logistic", {"num_levels": 1}, "num_levels must be an int >= 2, got 1"),
+        ("discretized_logistic", {"num_levels": 1}, "num_levels must be an integer >= 2, got 1"),
+        ("discretized_logistic", {"num_levels": 2.0}, "num_levels must be an integer >= 2"),
     ],
 )
 def test_likelihood_bad_option_errors(name, kwargs, message):
     with pytest.raises(ValueError, match=message):
         get_likelihood(name, 4, **kwargs)
+
+
+def test_get_likelihood_unknown_option_names_the_accepted_ones():
+    with pytest.raises(
+        ValueError, match=r"likelihood Normal takes no option 'colour'; it takes \['scale'\]"
+    ):
+        get_likelihood("normal", 4, colour=1)
+    with pytest.raises(
+        ValueError, match=r"likelihood Bernoulli takes no option 'scale'; it takes none"
+    ):
+        VAE(DATA_DIM, 2, (16,), likelihood="bernoulli", likelihood_kwargs={"scale": 0.1})
+
+
+def test_support_hints_name_config_fields_not_command_line_flags():
+    for name in sorted(LIKELIHOODS):
+        hint = get_likelihood(name, 4).support_hint
+        assert "--" not in hint, name
+    assert "config.binarize" in get_likelihood("bernoulli", 4).support_hint
+    hint = get_likelihood("discretized_logistic", 4).support_hint
+    assert "config.likelihood_kwargs={'num_levels': 17}" in hint
+
+
+def test_fixed_scale_likelihoods_differ_only_by_their_distribution():
+    out = torch.randn(3, 4)
+    for name, family in [
+        ("normal", torch.distributions.Normal),
+        ("laplace", torch.distributions.Laplace),
+    ]:
+        likelihood = get_likelihood(name, 4, scale=0.3)
+        p = likelihood(out)
+        assert isinstance(p.base_dist, family)
+        torch.testing.assert_close(p.base_dist.loc, out)
+        assert likelihood.scale == 0.3 and torch.equal(likelihood.mean(out), out)

@@ -7,6 +7,7 @@ import torch
 from pyro_vae import VAE
 from pyro_vae.guides import GUIDES, InverseAutoregressiveFlow
 from pyro_vae.likelihoods import LIKELIHOODS, Bernoulli, Normal
+from pyro_vae.parts import check_options
 from pyro_vae.priors import PRIORS, MixtureOfGaussians, Prior, StandardNormal, VampPrior
 
 
@@ -100,7 +101,7 @@ def test_user_parts_with_star_args_or_kwargs():
 
 
 def test_signatures_and_copies_are_unchanged_by_the_recording():
-    # The CLI checks options against the constructor's signature.
+    # check_options reads the constructor's signature.
     assert list(inspect.signature(Bernoulli).parameters) == ["data_dim"]
     assert list(inspect.signature(VampPrior).parameters) == [
         "latent_dim",
@@ -115,3 +116,52 @@ def test_signatures_and_copies_are_unchanged_by_the_recording():
 def test_a_bad_argument_still_raises_the_constructors_error():
     with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
         MixtureOfGaussians(2, colour="red")
+
+
+def test_check_options_accepts_the_constructor_arguments_after_the_size():
+    check_options("prior", VampPrior, {"num_components": 3, "init_range": (0.0, 1.0)})
+    check_options("prior", StandardNormal, {})
+    check_options("guide", InverseAutoregressiveFlow, {"num_flows": 1, "context_dim": 2})
+
+
+@pytest.mark.parametrize(
+    "kind, cls, options, message",
+    [
+        (
+            "prior",
+            VampPrior,
+            {"colour": 1},
+            r"prior VampPrior takes no option 'colour'; it "
+            r"takes \['init_range', 'num_components'\]",
+        ),
+        (
+            "likelihood",
+            Bernoulli,
+            {"scale": 0.1},
+            "likelihood Bernoulli takes no option 'scale'; it takes none",
+        ),
+        # The size is the first argument, not an option.
+        ("prior", MixtureOfGaussians, {"latent_dim": 3}, "takes no option 'latent_dim'"),
+        ("prior", MixtureOfGaussians, {"b": 1, "a": 2}, "takes no option 'a'"),
+    ],
+)
+def test_check_options_refuses_unknown_names_listing_the_accepted_ones(kind, cls, options, message):
+    with pytest.raises(ValueError, match=message):
+        check_options(kind, cls, options)
+
+
+def test_check_options_with_star_args_and_kwargs():
+    class Flexible(Prior):
+        def __init__(self, latent_dim, *args, scale=1.0, **kwargs):
+            super().__init__(latent_dim)
+
+    class Strict(Prior):
+        def __init__(self, latent_dim, *args, scale=1.0):
+            super().__init__(latent_dim)
+
+    check_options("prior", Flexible, {"anything": 1, "scale": 2.0})
+    check_options("prior", Strict, {"scale": 2.0})
+    with pytest.raises(
+        ValueError, match=r"prior Strict takes no option 'args'; it takes \['scale'\]"
+    ):
+        check_options("prior", Strict, {"args": (1,)})

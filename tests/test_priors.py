@@ -10,8 +10,9 @@ from pyro.optim import Adam
 from test_guides import NUM_DRAWS, PARAMETER_SEED, check_density_on_a_grid, perturb_parameters
 
 from pyro_vae import VAE
+from pyro_vae.distributions import DiagonalNormalMixture
 from pyro_vae.guides import GUIDES
-from pyro_vae.priors import PRIORS, DiagonalNormalMixture, VampPrior, get_prior, mixture
+from pyro_vae.priors import PRIORS, VampPrior, get_prior
 
 #: Small options so that the registry-wide tests stay fast; other priors use their defaults.
 SMALL_OPTIONS = {"mixture": {"num_components": 3}, "vamp": {"num_components": 4}}
@@ -198,73 +199,10 @@ def test_mixture_log_prob_is_logsumexp_of_components():
     torch.testing.assert_close(prior().log_prob(z), expected)
 
 
-def random_mixture_params(num_components=6, dim=4, dtype=torch.float64):
-    logits = torch.randn(num_components, dtype=dtype)
-    loc = 3 * torch.randn(num_components, dim, dtype=dtype)
-    scale = torch.empty(num_components, dim, dtype=dtype).uniform_(0.01, 2.0)
-    return logits, loc, scale
-
-
-@pytest.mark.parametrize(
-    "value_shape, batch_shape",
-    [((4,), ()), ((7, 4), ()), ((3, 5, 4), (5,)), ((5, 4), (2, 5)), ((4,), (3,))],
-)
-def test_diagonal_normal_mixture_matches_mixture_same_family(value_shape, batch_shape):
-    params = [p.requires_grad_() for p in random_mixture_params()]
-    value = (3 * torch.randn(value_shape, dtype=torch.float64)).requires_grad_()
-    logits, loc, scale = params
-    slow = dist.MixtureSameFamily(
-        dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1)
-    )
-    fast = DiagonalNormalMixture(*params)
-    if batch_shape:
-        slow, fast = slow.expand(batch_shape), fast.expand(batch_shape)
-    assert fast.batch_shape == slow.batch_shape and fast.event_shape == slow.event_shape
-    expected, actual = slow.log_prob(value), fast.log_prob(value)
-    assert actual.shape == expected.shape
-    torch.testing.assert_close(actual, expected)
-    for g_fast, g_slow in zip(
-        torch.autograd.grad(actual.sum(), params + [value]),
-        torch.autograd.grad(expected.sum(), params + [value]),
-    ):
-        torch.testing.assert_close(g_fast, g_slow)
-
-
-def test_diagonal_normal_mixture_float32_is_as_accurate_as_the_generic_mixture():
-    # Small scales far from the origin are where expanding the square cancels the most digits.
-    logits, loc, scale = random_mixture_params(num_components=50, dim=20)
-    scale = scale.clamp(max=0.05)
-    value = loc[torch.randint(50, (2000,))] + scale.max() * torch.randn(
-        2000, 20, dtype=torch.float64
-    )
-    exact = DiagonalNormalMixture(logits, loc, scale).log_prob(value)
-    params32 = [p.float() for p in (logits, loc, scale)]
-    generic = dist.MixtureSameFamily(
-        dist.Categorical(logits=params32[0]), dist.Normal(*params32[1:]).to_event(1)
-    ).log_prob(value.float())
-    fast = DiagonalNormalMixture(*params32).log_prob(value.float())
-    assert fast.dtype == torch.float32
-    fast_error = (fast.double() - exact).abs().max()
-    generic_error = (generic.double() - exact).abs().max()
-    assert fast_error <= max(2 * generic_error, 1e-4), (fast_error, generic_error)
-
-
-def test_mixture_uses_the_fast_path_only_for_diagonal_normal_components():
-    logits, loc, scale = random_mixture_params()
-    assert type(mixture(logits, dist.Normal(loc, scale).to_event(1))) is DiagonalNormalMixture
-    full = dist.MultivariateNormal(loc, scale_tril=torch.diag_embed(scale))
-    assert type(mixture(logits, full)) is dist.MixtureSameFamily
+def test_mixture_and_vamp_priors_use_the_fast_mixture_for_diagonal_components():
     assert type(small_vae("mixture").prior()) is DiagonalNormalMixture
     assert type(small_vae("vamp").prior()) is DiagonalNormalMixture
     assert type(small_vae("vamp", guide="full_covariance").prior()) is dist.MixtureSameFamily
-
-
-def test_diagonal_normal_mixture_shape_error():
-    logits, loc, scale = random_mixture_params()
-    with pytest.raises(
-        ValueError, match=r"loc and scale of shape \(K, D\), got \(6,\), \(6, 4\) and \(6,\)"
-    ):
-        DiagonalNormalMixture(logits, loc, scale[:, 0])
 
 
 def test_mixture_components_start_apart():
@@ -334,16 +272,47 @@ def test_get_prior_unknown_name_error():
 @pytest.mark.parametrize(
     "name, kwargs, message",
     [
-        ("mixture", {"num_components": 0}, "mixture prior num_components must be >= 1, got 0"),
-        ("mixture", {"num_components": 2.5}, "mixture prior num_components must be an int"),
-        ("vamp", {"num_components": -1}, "vamp prior num_components must be >= 1, got -1"),
+        (
+            "mixture",
+            {"num_components": 0},
+            "mixture prior num_components must be a positive integer, got 0",
+        ),
+        (
+            "mixture",
+            {"num_components": 2.5},
+            "mixture prior num_components must be a positive integer, got 2.5",
+        ),
+        (
+            "vamp",
+            {"num_components": -1},
+            "vamp prior num_components must be a positive integer, got -1",
+        ),
         ("vamp", {"init_range": (1.0, 0.0)}, r"vamp prior init_range must have low < high"),
-        ("student_t", {"df": 0}, "student_t prior df must be a positive number, got 0"),
+        ("student_t", {"df": 0}, "student_t prior df must be a positive finite number, got 0"),
+        (
+            "student_t",
+            {"df": True},
+            "student_t prior df must be a positive finite number, got True",
+        ),
     ],
 )
 def test_prior_bad_option_errors(name, kwargs, message):
     with pytest.raises(ValueError, match=message):
         get_prior(name, 2, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name, accepted",
+    [("normal", "none"), ("mixture", r"\['num_components'\]"), ("student_t", r"\['df'\]")],
+)
+def test_get_prior_unknown_option_names_the_accepted_ones(name, accepted):
+    cls = PRIORS[name].__name__
+    with pytest.raises(
+        ValueError, match=rf"prior {cls} takes no option 'colour'; it takes {accepted}"
+    ):
+        get_prior(name, 2, colour="red")
+    with pytest.raises(ValueError, match=rf"prior {cls} takes no option 'colour'"):
+        VAE(DATA_DIM, 2, (16,), prior=name, prior_kwargs={"colour": "red"})
 
 
 @pytest.mark.parametrize("name", sorted(PRIORS))

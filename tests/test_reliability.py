@@ -24,55 +24,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from common import (
+    STEPS_PER_EPOCH,
+    one_line_error,
+    tiny_config,
+    tiny_vae,
+    usage_error,
+    with_hooks,
+    without_seconds,
+)
+from common import TINY_MODEL as TINY
 
-from pyro_vae import VAE, Config, Dataset, evaluate_elbo, fit, load_dataset, load_run
+from pyro_vae import Dataset, evaluate_elbo, fit, load_dataset, load_run, train_run
 from pyro_vae import cli as cli_module
-from pyro_vae import train as train_module
 from pyro_vae.cli import main
 from pyro_vae.runs import load_checkpoint, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--hidden-dims", "16", "--latent-dim", "2", "--batch-size", "200"]
-STEPS_PER_EPOCH = 8  # 1497 digits in batches of 200
-
-
-def tiny_config(**kwargs) -> Config:
-    return Config(**{"latent_dim": 2, "hidden_dims": [16], "batch_size": 200, **kwargs})
-
-
-def tiny_vae(seed: int | None = None) -> VAE:
-    """A small VAE; with ``seed``, its initial weights are fixed (fit seeds only training)."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    return VAE(64, latent_dim=2, hidden_dims=(16,))
-
-
-def without_seconds(rows):
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
-
-
-#: How the one line starts, by exit code (README, Guarantees): usage errors name the command.
-ERROR_PREFIXES = {
-    1: "pyro-vae: error: ",
-    2: "pyro-vae {command}: error: ",
-    130: "pyro-vae: interrupted",
-}
-
-
-def one_line_error(capsys, code, expected_code=1, command="train") -> str:
-    """Check that a CLI call failed with one line on stderr, with the documented prefix and no
-    traceback; return it. ``command`` is the subcommand a usage error (exit code 2) names."""
-    err = capsys.readouterr().err
-    assert code == expected_code, err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith(ERROR_PREFIXES[expected_code].format(command=command)), err
-    return err
-
-
-def usage_error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    return one_line_error(capsys, exit_info.value.code, expected_code=2, command=argv[0])
 
 
 @pytest.fixture(scope="module")
@@ -163,29 +131,6 @@ def test_non_positive_or_non_finite_numbers_are_usage_errors(args, flag, value, 
         r"\[0, 2\*\*32 - 1\]), got "
     )
     assert re.search(f"argument {flag}: {expected}'{re.escape(value)}'", err), err
-
-
-@pytest.mark.parametrize(
-    "field, value, match",
-    [
-        ("prior", "nope", r"unknown prior 'nope'; choose one of \['learned_normal'"),
-        ("likelihood", "gauss", r"unknown likelihood 'gauss'; choose one of \["),
-        ("guide", 3, r"unknown guide 3; choose one of \["),
-        ("elbo", "iwae", r"unknown elbo 'iwae'; choose one of \['meanfield', 'trace'\]"),
-        ("dataset", "cifar", r"unknown dataset 'cifar'; choose one of \["),
-        ("binarize", "yes", r"unknown binarize 'yes'; choose one of \['dynamic'"),
-        ("hidden_dims", 400, "hidden_dims must be positive integers, got 400"),
-        ("num_particles", 0, "num_particles must be a positive integer, got 0"),
-        ("batch_size", True, "batch_size must be a positive integer, got True"),
-        ("lr", float("inf"), "lr must be a positive finite number, got inf"),
-        ("seed", 2**32, r"seed must be an integer in \[0, 2\*\*32 - 1\]"),
-        ("image_shape", [8, 9], r"image_shape \[8, 9\] does not hold data_dim=64 pixels"),
-        ("prior_kwargs", ["num_components"], "prior_kwargs must be a dict of options"),
-    ],
-)
-def test_config_names_the_bad_value_and_what_is_allowed(field, value, match):
-    with pytest.raises(ValueError, match=match):
-        Config(**{"data_dim": 64, field: value})
 
 
 #: Per command: a call failing on a missing run folder, and one failing with a usage error.
@@ -380,36 +325,20 @@ def test_training_into_an_existing_run_is_refused(run_copy, capsys):
 # -- 2. training faults --------------------------------------------------------------------
 
 
-class EpochHook:
-    """Stands in for the CLI progress bar; calls ``action(epoch)`` after each epoch."""
-
-    def __init__(self, action):
-        self.action = action
-
-    def update_row(self, row):
-        self.action(row["epoch"])
-
-    def close(self):
-        pass
-
-
 def test_cli_reports_a_nan_loss_in_one_line_and_keeps_the_last_good_epoch(
     tmp_path, monkeypatch, capsys
 ):
     holder = {}
-    real_fit = cli_module.fit
 
-    def fit_and_remember(vae, *args, **kwargs):
+    def remember(vae, config, start_epoch):
         holder["vae"] = vae
-        return real_fit(vae, *args, **kwargs)
 
-    def poison(epoch):
-        if epoch == 1:
+    def poison(row):
+        if row["epoch"] == 1:
             with torch.no_grad():
                 holder["vae"].decoder[0].weight.fill_(float("nan"))
 
-    monkeypatch.setattr(cli_module, "fit", fit_and_remember)
-    monkeypatch.setattr(cli_module, "make_progress", lambda config, start: EpochHook(poison))
+    monkeypatch.setattr(cli_module, "train_run", with_hooks(train_run, remember, poison))
     out = tmp_path / "run"
     err = one_line_error(capsys, main(["train", *TINY, "--epochs", "3", "--out", str(out)]))
     assert "the loss became nan at epoch 2, step 9; try a lower --lr" in err
@@ -420,9 +349,7 @@ def test_cli_reports_a_nan_loss_in_one_line_and_keeps_the_last_good_epoch(
     assert all(torch.isfinite(p).all() for p in run.vae.parameters())
 
 
-def test_parameters_that_blow_up_on_the_last_step_are_not_checkpointed(
-    digits, tmp_path, monkeypatch
-):
+def test_parameters_that_blow_up_on_the_last_step_are_not_checkpointed(digits, tmp_path):
     class PoisonedAdam(torch.optim.Adam):
         def step(self, closure=None):
             super().step(closure)
@@ -431,12 +358,10 @@ def test_parameters_that_blow_up_on_the_last_step_are_not_checkpointed(
                 with torch.no_grad():
                     self.param_groups[0]["params"][0].fill_(float("inf"))
 
-    monkeypatch.setattr(
-        train_module, "make_optimizer", lambda vae, config: PoisonedAdam(vae.parameters())
-    )
+    vae = tiny_vae()
     match = "the parameters became non-finite at epoch 2, step 16; .* keeps epoch 1"
     with pytest.raises(FloatingPointError, match=match):
-        fit(tiny_vae(), digits, tiny_config(epochs=3), run_dir=tmp_path)
+        fit(vae, digits, tiny_config(epochs=3), tmp_path, optimizer=PoisonedAdam(vae.parameters()))
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
     assert [r["epoch"] for r in read_metrics(tmp_path)] == [1]
 
@@ -462,14 +387,14 @@ def test_fit_interrupted_and_resumed_equals_uninterrupted(digits, tmp_path):
 def test_cli_ctrl_c_says_how_to_resume_and_resume_repeats_the_numbers(
     tmp_path, monkeypatch, capsys
 ):
-    def interrupt(epoch):
-        if epoch == 2:
+    def interrupt(row):
+        if row["epoch"] == 2:
             raise KeyboardInterrupt
 
     args = [*TINY, "--epochs", "3", "--seed", "5"]
     assert main(["train", *args, "--out", str(tmp_path / "whole")]) == 0
     with monkeypatch.context() as patch:
-        patch.setattr(cli_module, "make_progress", lambda config, start: EpochHook(interrupt))
+        patch.setattr(cli_module, "train_run", with_hooks(train_run, on_epoch_end=interrupt))
         run_dir = tmp_path / "cut short"
         code = main(["train", *args, "--out", str(run_dir)])
     err = one_line_error(capsys, code, expected_code=130)
@@ -485,7 +410,7 @@ def test_ctrl_c_before_training_is_one_line_and_leaves_no_run_folder(tmp_path, m
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli_module, "load_dataset", interrupted)
+    monkeypatch.setattr("pyro_vae.runs.load_dataset", interrupted)
     out = tmp_path / "run"
     code = main(["train", *TINY, "--out", str(out)])
     assert one_line_error(capsys, code, expected_code=130) == "pyro-vae: interrupted\n"
@@ -540,7 +465,7 @@ def test_every_run_file_is_replaced_atomically_and_a_crash_at_any_write_can_resu
 
 
 def test_evaluation_json_is_replaced_atomically(tmp_path, monkeypatch):
-    from pyro_vae.evaluate import write_evaluation
+    from pyro_vae.report import write_evaluation
 
     write_evaluation(tmp_path, {"old": 1})
     monkeypatch.setattr("pyro_vae.runs.os.replace", dying_replace(0))
@@ -792,15 +717,15 @@ def test_package_never_evaluates_or_unpickles_untrusted_text():
 # -- 5. the promises themselves ------------------------------------------------------------
 
 #: Where the Guarantees are written, and the heading of their section.
-GUARANTEES_DOC = REPO / "README.md"
-GUARANTEES_HEADING = "## Guarantees"
+GUARANTEES_DOC = REPO / "docs" / "guarantees.md"
+GUARANTEES_HEADING = "# Guarantees"
 
 
 def guarantees_section() -> str:
     """The Guarantees section: from its heading to the next heading of the same level."""
     text = GUARANTEES_DOC.read_text()
     start = text.index(GUARANTEES_HEADING + "\n")
-    end = text.find("\n## ", start + len(GUARANTEES_HEADING))
+    end = text.find(f"\n{GUARANTEES_HEADING.split()[0]} ", start + len(GUARANTEES_HEADING))
     return text[start : end if end != -1 else len(text)]
 
 

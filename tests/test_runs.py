@@ -1,16 +1,23 @@
+import dataclasses
 import json
 import pickle
 
 import pyro
 import pytest
 import torch
+from common import tiny_config, tiny_vae, without_seconds
 
-from pyro_vae import VAE, Config, fit, load_run
+from pyro_vae import VAE, Config, fit, load_run, resume_run, train_run
+from pyro_vae.describe import build_vae
+from pyro_vae.plots import FIGURES
 from pyro_vae.runs import (
+    RunFolderError,
+    RunInterrupted,
     atomic_write_text,
-    build_vae,
+    holds_run,
     load_checkpoint,
     load_config,
+    load_run_dataset,
     read_metrics,
     save_checkpoint,
     write_metrics,
@@ -161,8 +168,7 @@ def test_checkpoint_from_another_version_error(trained_run, tmp_path):
 
 def test_checkpoint_of_another_model_shape_error(trained_run, tmp_path):
     run_dir, vae = trained_run
-    config = load_config(run_dir)
-    config.latent_dim = 5
+    config = dataclasses.replace(load_config(run_dir), latent_dim=5)
     other = build_vae(config)
     save_checkpoint(tmp_path, other, torch.optim.Adam(other.parameters()), config, 1, 1)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -172,26 +178,172 @@ def test_checkpoint_of_another_model_shape_error(trained_run, tmp_path):
         load_run(tmp_path)
 
 
-def test_config_rejects_unknown_keys_and_bad_values():
-    with pytest.raises(ValueError, match=r"unknown config keys \['colour'\]"):
-        Config.from_dict({"colour": "red"})
-    with pytest.raises(ValueError, match="format version 2"):
-        Config.from_dict({"format_version": 2})
-    for key, value, match in [
-        ("latent_dim", 0, "latent_dim must be a positive integer, got 0"),
-        ("epochs", 1.5, "epochs must be a positive integer, got 1.5"),
-        ("hidden_dims", [10, 0], r"hidden_dims must be positive integers, got \[10, 0\]"),
-        ("lr", float("nan"), "lr must be a positive finite number, got nan"),
-        ("beta", -1.0, "beta must be a positive finite number"),
-        ("warmup_epochs", -1, "warmup_epochs must be >= 0"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            Config(**{key: value})
-
-
 def test_broken_config_json_error(tmp_path):
     (tmp_path / "config.json").write_text('{"latent_dim": ')
     with pytest.raises(ValueError, match="is not valid JSON"):
         load_config(tmp_path)
     with pytest.raises(FileNotFoundError, match="no config.json in"):
         load_config(tmp_path / "missing")
+
+
+# -- train_run and resume_run: what `pyro-vae train` does, from Python ----------------------------
+
+
+def test_train_run_writes_a_whole_run_folder_and_returns_the_run(tmp_path):
+    run = train_run(tiny_config(epochs=2, seed=4), tmp_path / "run")
+    assert run.path == tmp_path / "run" and run.checkpoint["epoch"] == 2
+    assert {"config.json", "metrics.csv", "checkpoint.pt", *FIGURES} <= {
+        p.name for p in run.path.iterdir()
+    }
+    assert run.config == load_config(run.path)
+    assert (run.config.binarize, run.config.data_dim, run.config.image_shape) == (
+        "dynamic",
+        64,
+        [8, 8],
+    )
+    assert without_seconds(run.metrics) == without_seconds(read_metrics(run.path))
+    loaded = load_run(run.path)
+    x = torch.rand(5, 64)
+    assert torch.equal(loaded.vae.reconstruct(x), run.vae.reconstruct(x))
+
+
+def test_train_run_repeats_fit_with_the_same_seed(tmp_path, digits):
+    config = tiny_config(epochs=2, seed=3)
+    run = train_run(config, tmp_path / "run")
+    pyro.set_rng_seed(config.seed)  # train_run builds the model after seeding, as the CLI did
+    expected = fit(tiny_vae(), digits, config)
+    assert without_seconds(run.metrics) == without_seconds(expected)
+
+
+def test_train_run_calls_its_hooks(tmp_path):
+    calls = []
+    run = train_run(
+        tiny_config(epochs=2),
+        tmp_path / "run",
+        on_train_start=lambda vae, config, epoch: calls.append((type(vae), config.epochs, epoch)),
+        on_epoch_end=lambda row: calls.append(row["epoch"]),
+    )
+    assert calls == [(VAE, 2, 0), 1, 2]
+    assert run.metrics[-1]["epoch"] == 2
+
+
+def test_train_run_leaves_the_callers_config_alone(tmp_path):
+    config = tiny_config(epochs=1)
+    run = train_run(config, tmp_path / "run")
+    assert config == tiny_config(epochs=1) and config.data_dim is None
+    assert run.config.data_dim == 64 and run.config.binarize == "dynamic"
+
+
+def stop_after_epoch(epoch):
+    def stop(row):
+        if row["epoch"] == epoch:
+            raise KeyboardInterrupt
+
+    return stop
+
+
+def test_interrupted_train_run_says_which_epoch_is_kept_and_resume_repeats_the_numbers(tmp_path):
+    config = tiny_config(epochs=3, seed=5, num_particles=2)
+    whole = train_run(config, tmp_path / "whole")
+    run_dir = tmp_path / "cut"
+    with pytest.raises(RunInterrupted) as info:
+        train_run(config, run_dir, on_epoch_end=stop_after_epoch(2))
+    assert isinstance(info.value, KeyboardInterrupt)
+    assert (info.value.run_dir, info.value.epoch) == (run_dir, 2)
+    assert f"{run_dir / 'checkpoint.pt'} holds epoch 2" in str(info.value)
+    assert load_checkpoint(run_dir / "checkpoint.pt")["epoch"] == 2
+    resumed = resume_run(run_dir)
+    assert without_seconds(resumed.metrics) == without_seconds(whole.metrics)
+    assert without_seconds(read_metrics(run_dir)) == without_seconds(whole.metrics)
+    assert resumed.checkpoint["epoch"] == 3 and (run_dir / "samples.png").is_file()
+
+
+def test_resume_run_with_more_epochs_continues_the_same_run(tmp_path):
+    config = tiny_config(epochs=3, seed=1)
+    whole = train_run(config, tmp_path / "whole")
+    short = train_run(dataclasses.replace(config, epochs=2), tmp_path / "short")
+    assert short.checkpoint["epoch"] == 2
+    longer = resume_run(short.path, epochs=3)
+    assert longer.config.epochs == 3 and load_config(short.path).epochs == 3
+    assert without_seconds(longer.metrics) == without_seconds(whole.metrics)
+    # Asking for the epochs it already has trains nothing and keeps the numbers.
+    again = resume_run(short.path)
+    assert without_seconds(again.metrics) == without_seconds(whole.metrics)
+
+
+def test_resume_run_refuses_fewer_epochs_than_trained(tmp_path):
+    run = train_run(tiny_config(epochs=2), tmp_path / "run")
+    with pytest.raises(RunFolderError, match="config.epochs 1 is fewer than the 2 epochs already"):
+        resume_run(run.path, epochs=1)
+    with pytest.raises(ValueError, match="epochs must be a positive integer, got '3'"):
+        resume_run(run.path, epochs="3")
+
+
+def test_train_run_refuses_a_folder_holding_a_run(tmp_path):
+    run = train_run(tiny_config(epochs=1), tmp_path / "run")
+    assert holds_run(run.path)
+    before = {p.name: p.stat().st_mtime_ns for p in run.path.iterdir()}
+    with pytest.raises(RunFolderError, match="already holds a run; continue it with resume_run"):
+        train_run(tiny_config(epochs=1), run.path)
+    assert {p.name: p.stat().st_mtime_ns for p in run.path.iterdir()} == before
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunFolderError, match="is a file, not a folder"):
+        train_run(tiny_config(epochs=1), tmp_path / "file")
+
+
+def test_train_run_checks_its_input_before_making_a_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="batch_size 5000 is larger than the 1497 training"):
+        train_run(tiny_config(batch_size=5000))
+    with pytest.raises(TypeError, match="config must be a pyro_vae Config, got dict"):
+        train_run({"epochs": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_before_the_run_folder_exists_is_a_plain_keyboard_interrupt(
+    tmp_path, monkeypatch
+):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pyro_vae.runs.load_dataset", interrupted)
+    with pytest.raises(KeyboardInterrupt) as info:
+        train_run(tiny_config(epochs=1), tmp_path / "run")
+    assert not isinstance(info.value, RunInterrupted)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_run_without_a_folder_makes_a_new_one_under_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = train_run(tiny_config(epochs=1))
+    assert run.path.resolve().parent == tmp_path.resolve() / "runs" and holds_run(run.path)
+
+
+def test_resume_run_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run folder .*missing does not exist"):
+        resume_run(tmp_path / "missing")
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
+    with pytest.raises(FileNotFoundError, match="has no checkpoint.pt: the run stopped before"):
+        resume_run(tmp_path)
+
+
+def test_a_data_folder_from_config_json_must_exist_and_is_never_downloaded_into(tmp_path):
+    missing = tmp_path / "missing"
+    config = tiny_config(data_dir=str(missing), dataset="mnist", binarize="dynamic")
+    with pytest.raises(FileNotFoundError, match="the data folder .*missing.* does not exist"):
+        load_run_dataset(config)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    config = dataclasses.replace(config, data_dir=str(empty))
+    with pytest.raises(FileNotFoundError, match="downloading is off"):
+        load_run_dataset(config)
+    assert list(empty.iterdir()) == [] and not missing.exists()
+    # A folder the caller names is used as given (digits needs no files at all).
+    digits = dataclasses.replace(config, dataset="digits")
+    assert load_run_dataset(digits, data_dir=tmp_path / "new").binarize == "dynamic"
+
+
+def test_load_run_dataset_binarizes_as_the_likelihood_needs_when_unset():
+    assert load_run_dataset(tiny_config()).binarize == "dynamic"
+    assert load_run_dataset(tiny_config(likelihood="normal")).binarize == "none"
+    assert load_run_dataset(tiny_config(binarize="static")).binarize == "static"

@@ -4,14 +4,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from common import without_seconds as strip_seconds
 from torch import nn
 
 from pyro_vae import VAE, Config, evaluate_elbo, fit, load_dataset
 from pyro_vae import train as train_module
-from pyro_vae.estimators import estimate_elbo_terms
+from pyro_vae.estimators import AnalyticKLWarning, estimate_elbo_terms
 from pyro_vae.objectives import ELBOS, get_elbo
 from pyro_vae.runs import load_checkpoint, read_metrics
-from pyro_vae.train import kl_weight, resolve_binarize, resolve_device
+from pyro_vae.train import kl_weight, prepare_fit
 
 #: A model that trains in about a second on digits and uses its latent code: see
 #: test_trained_test_elbo_beats_the_best_model_that_ignores_x for what it reaches.
@@ -26,10 +27,6 @@ def small_config(**kwargs):
 
 def small_vae(config):
     return VAE(64, latent_dim=config.latent_dim, hidden_dims=config.hidden_dims)
-
-
-def strip_seconds(rows):
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
 @pytest.fixture(scope="module")
@@ -255,24 +252,6 @@ def test_warmup_shows_in_metrics(digits):
     assert rows[1]["kl_scale"] == rows[2]["kl_scale"] == 1.0
 
 
-def test_resolve_binarize_follows_the_likelihood_support():
-    vae = VAE(64, hidden_dims=(8,))
-    assert resolve_binarize(None, vae.likelihood) == "dynamic"
-    assert resolve_binarize("none", vae.likelihood) == "none"
-    gaussian = VAE(64, hidden_dims=(8,), likelihood="normal")
-    assert resolve_binarize(None, gaussian.likelihood) == "none"
-
-
-def test_resolve_device(monkeypatch):
-    assert resolve_device("cpu") == torch.device("cpu")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(ValueError, match="'cuda' was requested but CUDA is not available"):
-        resolve_device("cuda")
-    with pytest.raises(ValueError, match="unknown device 'gpu'; choose auto, cpu, cuda"):
-        resolve_device("gpu")
-
-
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(digits, tmp_path):
     config = small_config(epochs=3)
     vae = small_vae(config)
@@ -293,9 +272,22 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(digit
 def test_data_outside_the_likelihood_support_is_refused():
     grey = load_dataset("digits", binarize="none")
     config = small_config()
-    with pytest.raises(ValueError, match=r"'bernoulli' needs data in \{0, 1\}.*--binarize"):
+    with pytest.raises(ValueError, match=r"'bernoulli' needs data in \{0, 1\}.*config.binarize"):
         fit(small_vae(config), grey, config)
-    assert config.binarize == "none"  # recorded from the data set
+    assert config.binarize is None  # the caller's config is never changed
+
+
+def test_prepare_fit_returns_the_config_completed_from_the_data_and_the_model(digits):
+    config = small_config()
+    vae = VAE(
+        64, latent_dim=3, hidden_dims=(8,), prior="mixture", prior_kwargs={"num_components": 2}
+    )
+    completed = prepare_fit(vae, digits, config)
+    assert completed.binarize == "dynamic" and completed.image_shape == [8, 8]
+    assert (completed.latent_dim, completed.hidden_dims, completed.prior) == (3, [8], "mixture")
+    assert completed.prior_kwargs == {"num_components": 2} and completed.data_dim == 64
+    assert config == small_config()  # recorded in a new config
+    assert dataclasses.replace(completed, epochs=5).epochs == 5
 
 
 def test_config_binarize_must_match_the_data_set(digits):
@@ -307,11 +299,43 @@ def test_config_binarize_must_match_the_data_set(digits):
 def test_meanfield_without_closed_form_kl_says_so(digits):
     config = small_config(elbo="meanfield", epochs=1)
     vae = VAE(64, latent_dim=4, hidden_dims=(32,), prior="mixture")
-    with pytest.warns(UserWarning, match=r"no closed form for latent site\(s\) \['z'\]"):
+    with pytest.warns(UserWarning, match=r"no closed form for latent site\(s\) \['z'\]") as record:
         fit(vae, digits, config)
+    assert [w.category for w in record] == [AnalyticKLWarning]
+    assert "config.elbo meanfield" in str(record[0].message)
 
 
 def test_meanfield_with_closed_form_kl_is_silent(digits, recwarn):
     config = small_config(elbo="meanfield", epochs=1)
     fit(small_vae(config), digits, config)
     assert not [w for w in recwarn if "closed form" in str(w.message)]
+
+
+def test_fit_puts_the_kl_weight_back_and_reports_the_warm_up_in_the_rows(digits):
+    config = small_config(warmup_epochs=2, epochs=1)
+    vae = small_vae(config)
+    with vae.kl_weight(0.7):
+        rows = fit(vae, digits, config)
+        assert vae.kl_scale == 0.7
+    assert rows[0]["kl_scale"] == pytest.approx(0.5) and vae.kl_scale == 1.0
+
+
+def test_fit_trains_with_the_optimizer_it_is_given(digits):
+    config = small_config(epochs=1)
+    vae = small_vae(config)
+    optimizer = torch.optim.SGD(vae.parameters(), lr=0.0)
+    before = [p.clone() for p in vae.parameters()]
+    fit(vae, digits, config, optimizer=optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before, vae.parameters()))
+
+
+def test_divergence_errors_name_config_fields(digits):
+    config = small_config(epochs=2)
+    vae = small_vae(config)
+
+    def poison(row):
+        with torch.no_grad():
+            vae.decoder[0].weight.fill_(float("nan"))
+
+    with pytest.raises(FloatingPointError, match="try a lower config.lr or set config.clip_norm"):
+        fit(vae, digits, config, on_epoch_end=poison)

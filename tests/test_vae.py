@@ -192,3 +192,25 @@ def test_vae_works_in_float64_and_float32(dtype):
     x = binary_data(3).to(dtype)
     loss = Trace_ELBO().differentiable_loss(vae.model, vae.guide, x)
     assert loss.dtype == dtype and torch.isfinite(loss)
+
+
+def test_kl_weight_sets_the_kl_scale_for_a_block_and_puts_it_back():
+    vae = small_vae()
+    vae.kl_scale = 0.3
+    with vae.kl_weight(1.0):
+        assert vae.kl_scale == 1.0
+        with vae.kl_weight(0.5):
+            assert vae.kl_scale == 0.5
+        assert vae.kl_scale == 1.0
+    assert vae.kl_scale == 0.3
+    with pytest.raises(RuntimeError, match="inside"):
+        with vae.kl_weight(2.0):
+            raise RuntimeError("inside")
+    assert vae.kl_scale == 0.3
+
+
+def test_vae_checks_its_sizes_with_the_shared_checks():
+    with pytest.raises(ValueError, match="data_dim must be a positive integer, got True"):
+        VAE(data_dim=True)
+    with pytest.raises(ValueError, match="latent_dim must be a positive integer, got 2.0"):
+        VAE(data_dim=64, latent_dim=2.0)

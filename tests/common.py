@@ -1,0 +1,92 @@
+"""Helpers shared by the test files: tiny settings, metrics without timings, CLI error checks."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from pyro_vae import VAE, Config
+from pyro_vae.cli import main
+
+#: ``pyro-vae train`` flags of a tiny model on digits: 2 epochs, 8 steps each (1497 / 200).
+TINY_TRAIN = ["--epochs", "2", "--latent-dim", "2", "--hidden-dims", "16", "--batch-size", "200"]
+#: The same model without the epochs, for tests that choose them.
+TINY_MODEL = ["--hidden-dims", "16", "--latent-dim", "2", "--batch-size", "200"]
+#: One epoch of an even smaller model (2 steps of 300), for tests that train many models.
+TINY_PARTS = ["--epochs", "1", "--latent-dim", "2", "--hidden-dims", "8", "--batch-size", "300"]
+#: Steps per epoch of TINY_MODEL on digits.
+STEPS_PER_EPOCH = 8
+
+
+def tiny_config(**kwargs) -> Config:
+    """The Config of TINY_MODEL, with ``kwargs`` on top."""
+    return Config(**{"latent_dim": 2, "hidden_dims": [16], "batch_size": 200, **kwargs})
+
+
+def tiny_vae(seed: int | None = None) -> VAE:
+    """The VAE of TINY_MODEL on digits; with ``seed``, its initial weights are fixed (fit seeds
+    only training)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return VAE(64, latent_dim=2, hidden_dims=(16,))
+
+
+def without_seconds(rows: list[dict]) -> list[dict]:
+    """Metrics rows without their wall-clock ``seconds``, which never repeat."""
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+#: How the one line starts, by exit code (README, Guarantees): usage errors name the command.
+ERROR_PREFIXES = {
+    1: "pyro-vae: error: ",
+    2: "pyro-vae {command}: error: ",
+    130: "pyro-vae: interrupted",
+}
+
+
+def one_line_error(capsys, code: int, expected_code: int = 1, command: str = "train") -> str:
+    """Check that a CLI call failed with one line on stderr, with the documented prefix and no
+    traceback; return it. ``command`` is the subcommand a usage error (exit code 2) names."""
+    err = capsys.readouterr().err
+    assert code == expected_code, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(ERROR_PREFIXES[expected_code].format(command=command)), err
+    return err
+
+
+def usage_error(capsys, argv: list[str]) -> str:
+    """Run the CLI with ``argv``, check it stops with a one-line argparse error (exit 2) that
+    names the subcommand ``argv[0]``."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return one_line_error(capsys, exit_info.value.code, expected_code=2, command=argv[0])
+
+
+def with_hooks(train, on_train_start=None, on_epoch_end=None):
+    """``train`` (:func:`~pyro_vae.runs.train_run` or ``resume_run``) that also calls these
+    hooks, after the caller's own: how a test reaches into a run the CLI starts."""
+
+    @functools.wraps(train)
+    def wrapped(*args, on_train_start=None, on_epoch_end=None, **kwargs):
+        return train(
+            *args,
+            on_train_start=_both(on_train_start, start_hook),
+            on_epoch_end=_both(on_epoch_end, epoch_hook),
+            **kwargs,
+        )
+
+    start_hook, epoch_hook = on_train_start, on_epoch_end
+    return wrapped
+
+
+def _both(first, second):
+    if first is None or second is None:
+        return first or second
+
+    def both(*args):
+        first(*args)
+        second(*args)
+
+    return both
