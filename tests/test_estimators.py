@@ -636,6 +636,27 @@ def test_every_pass_fits_the_memory_budget(estimator, data_dim, num_data, num, m
     assert model.draws(x).shape == (num, num_data, lg.latent_dim)  # all draws, every datapoint
 
 
+@pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
+def test_given_chunk_and_batch_sizes_are_the_passes_made(estimator):
+    # 7 datapoints in batches of 3 (3 + 3 + 1 rows) with 20 draws in chunks of 8 (8 + 8 + 4).
+    lg = LinearGaussian(data_dim=5, dtype=torch.float32)
+    x = lg.sample(7)
+    model = RecordedPasses(lg.model)
+    with pyro.validation_enabled(False):
+        ESTIMATORS[estimator](model, lg.poor_guide, x, 20, chunk_size=8, batch_size=3)
+    shapes = [tuple(z.shape[:2]) for _, z in model.passes]
+    assert shapes == [(n, b) for b in (3, 3, 1) for n in (8, 8, 4)], shapes
+
+
+def test_estimate_elbo_terms_draws_one_particle_by_default():
+    lg = LinearGaussian(data_dim=5, dtype=torch.float32)
+    x = lg.sample(4)
+    model = RecordedPasses(lg.model)
+    terms = estimate_elbo_terms(model, lg.poor_guide, x)
+    assert terms.num_particles == 1 and [z.shape[0] for _, z in model.passes] == [1]
+    assert torch.isnan(terms.stderr).all()  # one draw has no spread
+
+
 def test_running_accumulators_match_direct_computation():
     values = 30 * torch.randn(50, 4, dtype=torch.float64) - 100
     log_mean_exp, moments = _RunningLogMeanExp(), RunningMoments()

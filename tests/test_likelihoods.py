@@ -384,3 +384,14 @@ def test_fixed_scale_likelihoods_differ_only_by_their_distribution():
         assert isinstance(p.base_dist, family)
         torch.testing.assert_close(p.base_dist.loc, out)
         assert likelihood.scale == 0.3 and torch.equal(likelihood.mean(out), out)
+
+
+@pytest.mark.parametrize("num_levels", [2, 17])
+def test_discretized_logistic_likelihood_spreads_its_mass_over_its_own_levels(num_levels):
+    # The likelihood passes its num_levels on to the distribution: the pmf over those levels
+    # sums to 1 (with the default 256 bins it would not); 2 levels is the smallest allowed.
+    likelihood = get_likelihood("discretized_logistic", 3, num_levels=num_levels).double()
+    out = torch.randn(4, likelihood.output_dim, dtype=torch.float64)
+    levels = torch.arange(num_levels, dtype=torch.float64) / (num_levels - 1)
+    per_pixel = likelihood(out).base_dist.log_prob(levels.view(-1, 1, 1).expand(-1, 4, 3))
+    torch.testing.assert_close(per_pixel.logsumexp(0), torch.zeros(4, 3, dtype=torch.float64))
