@@ -6,6 +6,8 @@ import functools
 
 import pytest
 import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.optim import Adam
 
 from pyro_vae import VAE, Config
 from pyro_vae.cli import main
@@ -90,3 +92,19 @@ def _both(first, second):
         second(*args)
 
     return both
+
+
+def check_parameters_learn(vae: VAE, params: dict, x: torch.Tensor) -> None:
+    """Every parameter in ``params`` (name -> parameter of ``vae``) gets a finite, non-zero
+    gradient from the ELBO on ``x``, and every one of them changes in 3 SVI steps."""
+    elbo = Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1)
+    elbo.differentiable_loss(vae.model, vae.guide, x).backward()
+    for param_name, param in params.items():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), param_name
+        assert param.grad.abs().sum() > 0, param_name
+    vae.zero_grad()
+    before = {n: p.detach().clone() for n, p in params.items()}
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-2}), elbo)
+    for _ in range(3):
+        svi.step(x)
+    assert {n for n, p in params.items() if not torch.equal(p.detach(), before[n])} == set(params)
