@@ -1,31 +1,47 @@
 #!/usr/bin/env bash
 # The MNIST numbers quoted in README, end to end: train, evaluate (K=5000 over the 10,000 test
 # images), compare the two ELBO estimators, and the prior and guide tables. Copies the result
-# files into benchmarks/results/. About two hours on 2 CPU cores.
+# files into benchmarks/results/. About two hours on 2 CPU cores. The speed figures come from
+# benchmarks/speed.py (benchmarks/RESULTS.md).
 #
 #   bash benchmarks/mnist_results.sh ../shared/data
+#
+# TINY=1 runs every step on a tiny digits model in a minute, writing its runs and results under
+# $OUT (default: a new temporary folder), so that the test suite can check the script.
 set -euo pipefail
 data_dir=${1:-../shared/data}
 cd "$(dirname "$0")/.."
-out=benchmarks/results
+if [[ "${TINY:-0}" == 1 ]]; then
+  root=${OUT:-$(mktemp -d)}
+  runs="$root/runs"
+  out="$root/results"
+  train=(--dataset digits --epochs 1 --latent-dim 2 --hidden-dims 16 --batch-size 300)
+  samples=10
+  compare=(--draws 4 --num-points 20 --batch-size 20 --train-epochs 1)
+  mixture=(--num-samples 50 --repeats 2 --out "$out")
+else
+  runs=runs
+  out=benchmarks/results
+  train=(--dataset mnist --data-dir "$data_dir" --epochs 10)
+  samples=5000
+  compare=()
+  mixture=()
+fi
 mkdir -p "$out"
-pyro-vae train --dataset mnist --data-dir "$data_dir" --epochs 10 --out runs/mnist
-pyro-vae evaluate runs/mnist --num-samples 5000
-pyro-vae compare runs/mnist
+pyro-vae train "${train[@]}" --out "$runs/mnist"
+pyro-vae evaluate "$runs/mnist" --num-samples "$samples"
+pyro-vae compare "$runs/mnist" "${compare[@]}"
 for prior in mixture vamp; do
-  pyro-vae train --dataset mnist --data-dir "$data_dir" --epochs 10 --prior "$prior" \
-    --out "runs/mnist-$prior"
-  pyro-vae evaluate "runs/mnist-$prior" --num-samples 5000
+  pyro-vae train "${train[@]}" --prior "$prior" --out "$runs/mnist-$prior"
+  pyro-vae evaluate "$runs/mnist-$prior" --num-samples "$samples"
 done
-pyro-vae train --dataset mnist --data-dir "$data_dir" --epochs 10 --guide full_covariance \
-  --out runs/mnist-fullcov
-pyro-vae evaluate runs/mnist-fullcov --num-samples 5000
-pyro-vae train --dataset mnist --data-dir "$data_dir" --epochs 10 --guide iaf --out runs/mnist-iaf
-pyro-vae evaluate runs/mnist-iaf --num-samples 5000
+pyro-vae train "${train[@]}" --guide full_covariance --out "$runs/mnist-fullcov"
+pyro-vae evaluate "$runs/mnist-fullcov" --num-samples "$samples"
+pyro-vae train "${train[@]}" --guide iaf --out "$runs/mnist-iaf"
+pyro-vae evaluate "$runs/mnist-iaf" --num-samples "$samples"
 for run in mnist mnist-mixture mnist-vamp mnist-fullcov mnist-iaf; do
-  cp "runs/$run/metrics.csv" "$out/$run-metrics.csv"
-  cp "runs/$run/evaluation.json" "$out/$run-evaluation.json"
+  cp "$runs/$run/metrics.csv" "$out/$run-metrics.csv"
+  cp "$runs/$run/evaluation.json" "$out/$run-evaluation.json"
 done
-cp runs/mnist/comparison.json runs/mnist/comparison.md runs/mnist/comparison_curves.png "$out/"
-python benchmarks/train_speed.py --data-dir "$data_dir"
-python benchmarks/mixture_log_prob.py
+cp "$runs/mnist/comparison.json" "$runs/mnist/comparison.md" "$runs/mnist/comparison_curves.png" "$out/"
+python benchmarks/mixture_log_prob.py "${mixture[@]}"

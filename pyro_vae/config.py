@@ -23,6 +23,14 @@ from pyro_vae.priors import PRIORS
 #: Bumped when a saved run can no longer be read by this version of the code.
 FORMAT_VERSION = 1
 
+#: When training runs Pyro's validation (argument, support and trace-shape checks): on the first
+#: step of every epoch only, which catches a model that breaks the rules and keeps the hot loop
+#: free of checks, or on every step, as Pyro's own ``SVI`` does.
+VALIDATIONS = {
+    "first_step": "Pyro's checks on the first step of each epoch",
+    "every_step": "Pyro's checks on every step",
+}
+
 #: The fields naming a registered choice, and the names each may take.
 CHOICES = {
     "dataset": DATASETS,
@@ -32,6 +40,7 @@ CHOICES = {
     "likelihood": LIKELIHOODS,
     "guide": GUIDES,
     "elbo": ELBOS,
+    "validation": VALIDATIONS,
 }
 
 #: The parts, whose field may also hold the import path of an unregistered class.
@@ -86,6 +95,11 @@ class Config:
     warmup_epochs: int = _setting(0, "epochs of linear KL warm-up from 0 to beta")
     seed: int = _setting(0, "random seed (same seed on CPU, same numbers)")
     device: str = _setting("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
+    validation: str = _setting(
+        "first_step",
+        "when Pyro validates distributions and traces: first_step of each epoch "
+        "(fast) or every_step",
+    )
     #: Filled in from the data set when training starts; needed to rebuild the model.
     data_dim: int | None = None
     image_shape: list[int] | None = None

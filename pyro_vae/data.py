@@ -212,7 +212,7 @@ def iterate_batches(
     """Yield one epoch of mini-batches of the rows of ``x``.
 
     Shuffling uses ``torch.randperm`` on ``x.device`` and dynamic binarization uses
-    ``torch.bernoulli``, both from the global RNG, so ``torch.manual_seed`` makes an epoch
+    :func:`bernoulli_draw`, both from the global RNG, so ``torch.manual_seed`` makes an epoch
     reproducible. The last batch is smaller when ``batch_size`` does not divide ``len(x)``.
     Arguments are checked when called, not at the first batch.
 
@@ -267,7 +267,13 @@ def _generate_batches(
             batch = x[start : start + batch_size]
         else:
             batch = x[order[start : start + batch_size]]
-        yield torch.bernoulli(batch) if binarize else batch
+        yield bernoulli_draw(batch) if binarize else batch
+
+
+def bernoulli_draw(p: Tensor) -> Tensor:
+    """``x ~ Bernoulli(p)`` elementwise, as ``U < p`` with ``U ~ Uniform[0, 1)``: the same
+    distribution as :func:`torch.bernoulli` (to float rounding), from a faster kernel on CPU."""
+    return (torch.rand_like(p) < p).to(p.dtype)
 
 
 def _binarize_with_seed(x: Tensor, seed: int) -> Tensor:

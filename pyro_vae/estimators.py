@@ -33,7 +33,8 @@ or the guide fails inside a pass with a shape error of torch or Pyro, the estima
 - ``plate_name`` (``"data"``): the name of the plate over datapoints;
 - ``max_plate_nesting`` (1): the number of plates in the model and guide, data plate included;
 - ``chunk_size`` and ``batch_size``: draws and datapoints per vectorized pass (see **Memory**);
-- ``max_elements`` (``2**22``): the bound on ``chunk_size * batch_size * x[0].numel()``;
+- ``max_elements`` (by default :func:`default_max_elements` of ``x``'s device): the bound on
+  ``chunk_size * batch_size * x[0].numel()``;
 - ``differentiable`` (ELBO only, ``False``): keep the autograd graph instead of running under
   :func:`torch.no_grad`.
 
@@ -63,9 +64,10 @@ reproducible. All tensors follow the device and dtype of ``x`` and of the model'
 Unless given, both are chosen so that ``chunk_size * batch_size * x[0].numel()`` stays below
 ``max_elements``, preferring many draws per pass, so that the guide (the encoder) runs once per
 datapoint when possible. The peak memory of a pass is a model-dependent multiple of
-``max_elements`` (``docs/estimators.md`` gives it for the MNIST VAE); larger passes are not
-faster on CPU. Results over chunks are combined with a running logsumexp (log p(x)) or running
-moments (ELBO), so chunking changes only which random numbers are drawn, not what is estimated.
+``max_elements`` (``docs/estimators.md`` gives it for the MNIST VAE). The CPU default keeps a
+pass's largest tensors within the caches: larger passes are slower there, not faster. Results
+over chunks are combined with a running logsumexp (log p(x)) or running moments (ELBO), so
+chunking changes only which random numbers are drawn, not what is estimated.
 
 References:
 
@@ -99,8 +101,17 @@ from pyro_vae.devices import fork_rng
 #: Name of the plate that vectorizes draws; it must differ from the data plate's name.
 PARTICLES_PLATE = "particles"
 
-#: Default bound on ``chunk_size * batch_size * x[0].numel()`` for one vectorized pass.
-DEFAULT_MAX_ELEMENTS = 2**22
+#: Default bound on ``chunk_size * batch_size * x[0].numel()`` for one vectorized pass on a
+#: CPU: a float32 tensor of this many elements (8 MB) stays within a server CPU's caches.
+DEFAULT_MAX_ELEMENTS = 2**21
+#: The same on CUDA, where larger passes keep the GPU busy.
+CUDA_MAX_ELEMENTS = 2**24
+
+
+def default_max_elements(device: torch.device) -> int:
+    """The default ``max_elements`` of the estimators for data on ``device``."""
+    return CUDA_MAX_ELEMENTS if device.type == "cuda" else DEFAULT_MAX_ELEMENTS
+
 
 PyroFunction = Callable[[torch.Tensor], object]
 
@@ -181,7 +192,7 @@ def estimate_elbo_terms(
     max_plate_nesting: int = 1,
     chunk_size: int | None = None,
     batch_size: int | None = None,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_elements: int | None = None,
     differentiable: bool = False,
 ) -> ELBOTerms:
     """Estimate the per-datapoint ELBO, split into reconstruction and KL terms.
@@ -342,7 +353,7 @@ def estimate_log_likelihood_curve(
     max_plate_nesting: int = 1,
     chunk_size: int | None = None,
     batch_size: int | None = None,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_elements: int | None = None,
 ) -> dict[int, torch.Tensor] | dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Estimate log p(x) for several numbers of importance samples from one set of draws.
 
@@ -427,10 +438,12 @@ def _plan(
     max_plate_nesting: int,
     chunk_size: int | None,
     batch_size: int | None,
-    max_elements: int,
+    max_elements: int | None,
 ) -> _Plan:
     """Check the options of an estimator and choose the passes for ``num`` draws per row."""
     _check_data(x)
+    if max_elements is None:
+        max_elements = default_max_elements(x.device)
     check_int("max_elements", max_elements)
     check_int("max_plate_nesting", max_plate_nesting)
     if plate_name == PARTICLES_PLATE:

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from pyro_vae.checks import check_choice, check_positive
 from pyro_vae.distributions import (
     DiscretizedLogisticDistribution,
+    IndependentBernoulli,
     QuantizedUnitInterval,
     inverse_positive_scale,
     positive_scale,
@@ -96,7 +97,7 @@ class Bernoulli(Likelihood):
     )
 
     def forward(self, decoder_output: torch.Tensor) -> dist.TorchDistribution:
-        return dist.Bernoulli(logits=decoder_output).to_event(1)
+        return IndependentBernoulli(decoder_output)
 
     def mean(self, decoder_output: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(decoder_output)

@@ -8,6 +8,7 @@ form that :func:`torch.compile` and DistributedDataParallel work with.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -52,13 +53,17 @@ def check_dataset(vae: VAE, dataset: Dataset, binarize: str) -> None:
     """Raise :class:`ValueError` if the data do not fit the model's input size or likelihood."""
     for split, x in (("train", dataset.train_x), ("test", dataset.test_x)):
         vae.check_input(x)
-        check_finite(x, f"dataset.{split}_x")
+        # One pass over the data: NaN propagates into the bounds, so finite bounds mean
+        # finite data (check_finite then names the bad rows).
+        low, high = torch.aminmax(x) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
+        if not (torch.isfinite(low) and torch.isfinite(high)):
+            check_finite(x, f"dataset.{split}_x")
         if split == "train" and binarize == "dynamic":
             # Grey levels are Bernoulli probabilities here, binarized batch by batch.
-            if not ((x >= 0).all() and (x <= 1).all()):
+            if low < 0 or high > 1:
                 raise ValueError(
                     "dynamic binarization needs training data in [0, 1], but dataset.train_x "
-                    f"lies in [{x.min().item():.4g}, {x.max().item():.4g}]; rescale it or set "
+                    f"lies in [{low.item():.4g}, {high.item():.4g}]; rescale it or set "
                     "config.binarize 'none'"
                 )
         else:
@@ -158,9 +163,19 @@ def evaluate_elbo(vae: VAE, x: torch.Tensor, elbo: str = "trace", num_particles:
     """
     vae.check_input(x)
     loss_fn = get_elbo(elbo, num_particles)
+    total = torch.zeros((), device=x.device)
     with vae.kl_weight(1.0):
-        total = sum(loss_fn.loss(vae.model, vae.guide, chunk) for chunk in x.split(EVAL_BATCH_SIZE))
-    return -total / x.shape[0]
+        for chunk in x.split(EVAL_BATCH_SIZE):
+            total += loss_fn.differentiable_loss(vae.model, vae.guide, chunk)
+    return -total.item() / x.shape[0]
+
+
+def default_optimizer(vae: VAE, config: Config) -> torch.optim.Optimizer:
+    """Adam at ``config.lr`` over the VAE's parameters, in torch's fused implementation (one
+    kernel for all parameters) where the parameters' device has one, else torch's default."""
+    device = next(vae.parameters()).device
+    fused = device.type in ("cpu", "cuda") or None
+    return torch.optim.Adam(vae.parameters(), lr=config.lr, fused=fused)
 
 
 def diverged(
@@ -193,10 +208,13 @@ def train_epoch(
     batches = iterate_batches(
         x, config.batch_size, shuffle=True, binarize=config.binarize == "dynamic"
     )
-    for batch in batches:
+    for i, batch in enumerate(batches):
         vae.kl_scale = kl_weight(config, step, steps_per_epoch)
+        # Pyro's validation as set on the first step of the epoch (Config.validation).
+        quiet = i > 0 and config.validation == "first_step"
         try:
-            loss = loss_fn.differentiable_loss(vae.model, vae.guide, batch)
+            with pyro.validation_enabled(False) if quiet else contextlib.nullcontext():
+                loss = loss_fn.differentiable_loss(vae.model, vae.guide, batch)
         except ValueError as e:
             # With validation on, distributions refuse NaN parameters before the loss exists.
             if all(torch.isfinite(p).all() for p in vae.parameters()):
@@ -271,7 +289,7 @@ def fit(
     :param list metrics: rows already written for the epochs before ``checkpoint``.
     :param on_epoch_end: called with each new metrics row, after the run folder is updated.
     :param optimizer: the optimizer over ``vae.parameters()``; default
-        ``torch.optim.Adam(vae.parameters(), lr=config.lr)``.
+        :func:`default_optimizer`, Adam at ``config.lr``.
     :returns: one row per epoch: ``epoch``, ``step``, ``kl_scale``, ``train_elbo``,
         ``test_elbo`` (nats per datapoint, higher is better) and ``seconds``.
     :raises FloatingPointError: if the loss or the parameters become NaN or infinite; the run
@@ -287,7 +305,7 @@ def fit(
     config = prepare_fit(vae, dataset, Config() if config is None else config)
     vae.to(dataset.train_x.device)
     if optimizer is None:
-        optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)
+        optimizer = default_optimizer(vae, config)
     start_epoch, step = _start_run(vae, dataset, config, optimizer, run_dir, checkpoint)
     rows = [row for row in metrics or [] if checkpoint is None or row["epoch"] <= start_epoch]
     with vae.kl_weight(1.0):  # the warm-up sets it per step; afterwards it is as it was

@@ -146,7 +146,7 @@ class VAE(nn.Module):
         pyro.module("prior", self.prior)
         pyro.module("likelihood", self.likelihood)
         with pyro.plate("data", x.shape[0]):
-            with poutine.scale(scale=self.kl_scale):
+            with self._kl_scaled():
                 z = pyro.sample("z", self.prior())
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
@@ -156,8 +156,15 @@ class VAE(nn.Module):
         pyro.module("encoder", self.encoder)
         pyro.module("guide_family", self.guide_family)
         with pyro.plate("data", x.shape[0]):
-            with poutine.scale(scale=self.kl_scale):
+            with self._kl_scaled():
                 pyro.sample("z", self.encode(x))
+
+    def _kl_scaled(self) -> contextlib.AbstractContextManager:
+        """``poutine.scale`` by :attr:`kl_scale`, for the latent site in model and guide (no
+        handler at all at weight 1)."""
+        if self.kl_scale == 1.0:
+            return contextlib.nullcontext()
+        return poutine.scale(scale=self.kl_scale)
 
     def encode(self, x: torch.Tensor) -> dist.TorchDistribution:
         """q(z|x): batch shape ``(N,)``, event shape ``(latent_dim,)``."""

@@ -14,6 +14,7 @@ from common import with_hooks
 from pyro_vae import DATASETS, ELBOS, GUIDES, LIKELIHOODS, PRIORS, Config, load_run, train_run
 from pyro_vae import cli as cli_module
 from pyro_vae.cli import build_parser, main, name_flags
+from pyro_vae.config import VALIDATIONS
 from pyro_vae.data import BINARIZATIONS
 from pyro_vae.estimators import AnalyticKLWarning
 from pyro_vae.networks import ACTIVATIONS
@@ -92,6 +93,7 @@ CONFIG_FLAGS = [
     "--warmup-epochs",
     "--seed",
     "--device",
+    "--validation",
 ]
 #: How the help words a Config default of None (never "None").
 NONE_DEFAULTS = {"--clip-norm": "no clipping"}
@@ -144,7 +146,7 @@ def test_help_lists_every_flag_with_default_and_choices(capsys):
     for flag, default in OTHER_FLAGS.items():
         shown = re.findall(r"\(default: (.*?)\)", entries[flag])
         assert shown == ([] if default is None else [default]), entries[flag]
-    registries = (DATASETS, ELBOS, GUIDES, LIKELIHOODS, PRIORS, ACTIVATIONS)
+    registries = (DATASETS, ELBOS, GUIDES, LIKELIHOODS, PRIORS, ACTIVATIONS, VALIDATIONS)
     for registry in registries:
         assert "{" + ",".join(sorted(registry)) + "}" in text
     assert "{" + ",".join(sorted(BINARIZATIONS)) + "}" in text  # choices are listed sorted

@@ -17,6 +17,7 @@ from pyro_vae.data import (
     BINARIZATIONS,
     DATASETS,
     Dataset,
+    bernoulli_draw,
     check_finite,
     default_data_dir,
     iterate_batches,
@@ -513,3 +514,17 @@ def test_download_off_never_writes_into_the_data_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"downloading is off .*config\.data_dir"):
         load_dataset("mnist", tmp_path, download=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bernoulli_draw_has_the_bernoulli_distribution():
+    """100,000 draws per probability: every mean within 5 standard errors of p, exact at 0 and
+    1, the dtype kept, and the draws fixed by the global seed."""
+    probs = torch.tensor([0.0, 0.03, 0.5, 0.9, 1.0], dtype=torch.float64)
+    p = probs.repeat(100_000, 1)
+    torch.manual_seed(3)
+    x = bernoulli_draw(p)
+    assert x.dtype == torch.float64 and set(x.unique().tolist()) <= {0.0, 1.0}
+    stderr = (probs * (1 - probs) / p.shape[0]).sqrt()
+    assert ((x.mean(0) - probs).abs() <= 5 * stderr).all(), x.mean(0)
+    torch.manual_seed(3)
+    assert torch.equal(bernoulli_draw(p), x)

@@ -11,11 +11,14 @@ from torch import nn
 
 from pyro_vae import VAE
 from pyro_vae.estimators import (
+    CUDA_MAX_ELEMENTS,
     DEFAULT_MAX_ELEMENTS,
     AnalyticKLWarning,
     RunningMoments,
     _chunk_sizes,
+    _plan,
     _RunningLogMeanExp,
+    default_max_elements,
     estimate_elbo,
     estimate_elbo_terms,
     estimate_log_likelihood,
@@ -614,7 +617,7 @@ ESTIMATORS = {
 @pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
 @pytest.mark.parametrize(
     "data_dim, num_data, num, max_elements",
-    [(5, 7, 20, 60), (2**12, 4, 300, None)],  # None: the default budget, 2**22
+    [(5, 7, 20, 60), (2**12, 4, 300, None)],  # None: the default budget, 2**21 on CPU
     ids=["budget-60", "default-budget"],
 )
 def test_every_pass_fits_the_memory_budget(estimator, data_dim, num_data, num, max_elements):
@@ -960,3 +963,11 @@ def test_vae_kl_scale_is_ignored():
         results.append(estimate_elbo_terms(vae.model, vae.guide, x, True, num_particles=3))
     torch.testing.assert_close(results[0].elbo, results[1].elbo)
     torch.testing.assert_close(results[0].kl, results[1].kl)
+
+
+def test_default_pass_budget_is_chosen_for_the_device():
+    """A pass within the CPU's caches, a larger one on CUDA (no GPU needed to ask)."""
+    assert default_max_elements(torch.device("cpu")) == DEFAULT_MAX_ELEMENTS == 2**21
+    assert default_max_elements(torch.device("cuda", 0)) == CUDA_MAX_ELEMENTS > 2**21
+    plan = _plan(torch.zeros(3, 784), 5000, "data", 1, None, None, None)
+    assert (plan.chunk_size, plan.batch_size) == (2**21 // 784, 1)

@@ -1,6 +1,8 @@
 import dataclasses
 import math
 
+import pyro
+import pyro.infer.util
 import pytest
 import torch
 import torch.nn.functional as F
@@ -339,3 +341,69 @@ def test_divergence_errors_name_config_fields(digits):
 
     with pytest.raises(FloatingPointError, match="try a lower config.lr or set config.clip_norm"):
         fit(vae, digits, config, on_epoch_end=poison)
+
+
+@pytest.mark.parametrize(
+    "validation, expected",
+    [("first_step", [True] + [False] * 7), ("every_step", [True] * 8)],
+)
+def test_pyro_validation_runs_on_the_steps_config_validation_names(digits, validation, expected):
+    """Which training steps run with Pyro's validation on: each epoch's first step, or all
+    (8 steps per epoch at batch 200 on digits); the test ELBO and the setting outside
+    training are left as they were."""
+    seen = []
+    original = ELBOS["trace"].differentiable_loss
+
+    def recording(self, model, guide, x):
+        if x.shape[0] == 200 or x.shape[0] == 97:  # a training batch, not a test chunk
+            seen.append(pyro.infer.util.is_validation_enabled())
+        return original(self, model, guide, x)
+
+    config = small_config(epochs=2, batch_size=200, validation=validation)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ELBOS["trace"], "differentiable_loss", recording)
+        with pyro.validation_enabled(True):
+            fit(small_vae(config), digits, config)
+            assert pyro.infer.util.is_validation_enabled()
+    assert seen == expected * 2
+
+
+def test_default_optimizer_is_fused_adam_and_steps_like_torch_adam(digits):
+    """The fused kernel where the device has one, with the same updates as torch's default
+    (for-loop) Adam to float rounding after a few steps."""
+    config = small_config(epochs=1, lr=1e-2)
+    torch.manual_seed(0)
+    fused_vae = small_vae(config)
+    plain_vae = small_vae(config)
+    plain_vae.load_state_dict(fused_vae.state_dict())
+    fused = train_module.default_optimizer(fused_vae, config)
+    assert fused.param_groups[0]["fused"] is True and fused.param_groups[0]["lr"] == 1e-2
+    plain = torch.optim.Adam(plain_vae.parameters(), lr=1e-2, foreach=False)
+    before = [p.clone() for p in fused_vae.parameters()]
+    x = torch.bernoulli(digits.train_x[:100])
+    loss_fn = get_elbo("meanfield")
+    for _ in range(5):
+        for vae, optimizer in ((fused_vae, fused), (plain_vae, plain)):
+            pyro.set_rng_seed(1)
+            optimizer.zero_grad()
+            loss_fn.differentiable_loss(vae.model, vae.guide, x).backward()
+            optimizer.step()
+    for a, b in zip(fused_vae.parameters(), plain_vae.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # Five steps of lr 1e-2 move the weights by about 5e-2, far beyond the tolerance.
+    moved = max((a - b).abs().max().item() for a, b in zip(fused_vae.parameters(), before))
+    assert moved > 1e-2
+
+
+@pytest.mark.parametrize("value, shown", [(-0.25, r"\[-0.25, 1\]"), (1.5, r"\[0, 1.5\]")])
+def test_dynamic_binarization_refuses_training_data_outside_the_unit_interval(
+    digits, value, shown, tmp_path
+):
+    x = digits.train_x.clone()
+    x[7, 2] = value
+    bad = dataclasses.replace(digits, train_x=x)
+    config = small_config()
+    message = rf"needs training data in \[0, 1\], but dataset.train_x lies in {shown}"
+    with pytest.raises(ValueError, match=message):
+        fit(small_vae(config), bad, config, run_dir=tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []

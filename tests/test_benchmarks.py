@@ -1,0 +1,138 @@
+"""The benchmark scripts, run in their tiny modes so that they cannot rot.
+
+No timing is checked (timings belong in the scripts' results, not in tests): only that every
+section runs, writes what the README and ``benchmarks/RESULTS.md`` quote, and stays coherent.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("train", "logpx", "evaluate", "peer", "profile")
+
+
+def run_script(*command, env=None):
+    return subprocess.run(
+        command, cwd=ROOT, check=False, capture_output=True, text=True, timeout=900, env=env
+    )
+
+
+def positive(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def check_timings(timings: dict, names: set) -> None:
+    assert set(timings) == names
+    for t in timings.values():
+        assert 0 < t["min"] <= t["median"] <= t["max"]
+
+
+@pytest.fixture(scope="module")
+def tiny_speed(tmp_path_factory):
+    """``speed.py --tiny`` once with every section, then ``--sections logpx`` into the same
+    folder (which must keep the other sections)."""
+    out = tmp_path_factory.mktemp("speed")
+    base = [sys.executable, "benchmarks/speed.py", "--tiny", "--out", str(out)]
+    base += ["--results-md", str(out / "RESULTS.md")]
+    first = run_script(*base)
+    assert first.returncode == 0, first.stderr
+    second = run_script(*base, "--sections", "logpx")
+    assert second.returncode == 0, second.stderr
+    return json.loads((out / "speed-cpu.json").read_text()), (out / "RESULTS.md").read_text()
+
+
+def test_speed_harness_measures_every_contender_of_the_training_section(tiny_speed):
+    report, _ = tiny_speed
+    assert set(report["commands"]) == set(SECTIONS)
+    assert "--sections logpx" in report["commands"]["logpx"]["command"]
+    assert [(r["batch_size"], r["elbo"]) for r in report["train"]] == [
+        (32, "trace"),
+        (32, "meanfield"),
+        (64, "trace"),
+        (64, "meanfield"),
+    ]
+    for row in report["train"]:
+        check_timings(row["timings"], {"pyro_vae", "plain", "plain_fused"})
+        ratio = row["pyro_vae_images_per_s"] / row["plain_images_per_s"]
+        assert row["fit_vs_plain"] == pytest.approx(ratio)
+        assert all(positive(row[f"{n}_roofline"]) for n in ("pyro_vae", "plain", "plain_fused"))
+        assert row["pyro_vae_roofline"] / row["plain_roofline"] == pytest.approx(ratio)
+
+
+def test_speed_harness_logpx_peer_evaluate_and_profile_sections(tiny_speed):
+    report, _ = tiny_speed
+    logpx = report["logpx"]
+    check_timings(logpx["timings"], {"pyro_vae", "plain"})
+    assert logpx["num_samples"] == 50 and logpx["images"] == 2
+    assert positive(logpx["pyro_vae_samples_per_s"]) and positive(logpx["pyro_vae_roofline"])
+    assert 100 < logpx["pyro_vae_peak_mb"] < 100_000
+    check_timings(report["peer"]["timings"], {"pyro_vae", "pyro_example"})
+    assert positive(report["peer"]["fit_vs_example"])
+    evaluation = report["evaluate"]
+    assert evaluation["num_datapoints"] == 20 and evaluation["trained_here"]
+    assert positive(evaluation["seconds"]) and positive(evaluation["peak_mb"])
+    assert evaluation["command"].startswith("pyro-vae evaluate ")
+    for part in ("train_step", "logpx"):
+        fractions = [op["fraction"] for op in report["profile"][part]]
+        assert len(fractions) == 8 and 0 < sum(fractions) <= 1 + 1e-9
+        assert fractions == sorted(fractions, reverse=True)
+        assert 0 < report["profile"]["matmul_ceiling"][part] < 2
+
+
+def test_speed_harness_renders_every_section_into_results_md(tiny_speed):
+    report, text = tiny_speed
+    for heading in ("### Training", "### Peer", "### log p(x)", "### Full evaluation"):
+        assert heading in text
+    assert "Where the time goes" in text
+    for row in report["train"]:
+        assert f"**{row['fit_vs_plain']:.2f}**" in text
+    assert report["commands"]["train"]["command"] in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sections", "train,speedup"], "unknown section 'speedup'"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+    ],
+)
+def test_speed_harness_bad_settings_are_one_line_errors(args, message, tmp_path):
+    result = run_script(
+        sys.executable, "benchmarks/speed.py", "--tiny", "--out", str(tmp_path), *args
+    )
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_mixture_benchmark_tiny(tmp_path):
+    result = run_script(
+        sys.executable,
+        "benchmarks/mixture_log_prob.py",
+        "--num-samples",
+        "50",
+        "--repeats",
+        "2",
+        "--out",
+        str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "mixture_log_prob.json").read_text())
+    assert [r["num_components"] for r in report["results"]] == [10, 500]
+    assert all(r["DiagonalNormalMixture"]["max_abs_error"] < 1e-3 for r in report["results"])
+
+
+def test_mnist_results_script_tiny(tmp_path):
+    env = {**os.environ, "TINY": "1", "OUT": str(tmp_path)}
+    result = run_script("bash", "benchmarks/mnist_results.sh", env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    files = {p.name for p in (tmp_path / "results").iterdir()}
+    for run in ("mnist", "mnist-mixture", "mnist-vamp", "mnist-fullcov", "mnist-iaf"):
+        assert {f"{run}-metrics.csv", f"{run}-evaluation.json"} <= files
+    assert {"comparison.json", "comparison.md", "mixture_log_prob.json"} <= files
