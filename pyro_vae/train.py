@@ -178,6 +178,15 @@ def default_optimizer(vae: VAE, config: Config) -> torch.optim.Optimizer:
     return torch.optim.Adam(vae.parameters(), lr=config.lr, fused=fused)
 
 
+def pyro_checks(config: Config, first: bool) -> contextlib.AbstractContextManager:
+    """Where Pyro's validation runs in training (``config.validation``): as the user set it on
+    the first step of each epoch, or on every step; off for the other steps and the test ELBO
+    (the data were checked whole before training)."""
+    if first or config.validation == "every_step":
+        return contextlib.nullcontext()
+    return pyro.validation_enabled(False)
+
+
 def diverged(
     loss: float | str, epoch: int, step: int, what: str = "the loss"
 ) -> FloatingPointError:
@@ -210,10 +219,8 @@ def train_epoch(
     )
     for i, batch in enumerate(batches):
         vae.kl_scale = kl_weight(config, step, steps_per_epoch)
-        # Pyro's validation as set on the first step of the epoch (Config.validation).
-        quiet = i > 0 and config.validation == "first_step"
         try:
-            with pyro.validation_enabled(False) if quiet else contextlib.nullcontext():
+            with pyro_checks(config, first=i == 0):
                 loss = loss_fn.differentiable_loss(vae.model, vae.guide, batch)
         except ValueError as e:
             # With validation on, distributions refuse NaN parameters before the loss exists.
@@ -376,7 +383,9 @@ def _train_and_test(
             raise
         raise FloatingPointError(f"{e}; {run_dir} keeps epoch {epoch - 1}") from e
     vae.eval()
-    test_elbo = evaluate_elbo(vae, dataset.test_x, config.elbo, config.num_particles)
+    # The test set was checked whole before training, and the model on this epoch's first step.
+    with pyro_checks(config, first=False):
+        test_elbo = evaluate_elbo(vae, dataset.test_x, config.elbo, config.num_particles)
     if not math.isfinite(test_elbo):
         raise FloatingPointError(
             f"the test ELBO became {test_elbo} after epoch {epoch}; "

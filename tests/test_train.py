@@ -345,18 +345,17 @@ def test_divergence_errors_name_config_fields(digits):
 
 @pytest.mark.parametrize(
     "validation, expected",
-    [("first_step", [True] + [False] * 7), ("every_step", [True] * 8)],
+    [("first_step", [True] + [False] * 8), ("every_step", [True] * 9)],
 )
 def test_pyro_validation_runs_on_the_steps_config_validation_names(digits, validation, expected):
-    """Which training steps run with Pyro's validation on: each epoch's first step, or all
-    (8 steps per epoch at batch 200 on digits); the test ELBO and the setting outside
-    training are left as they were."""
+    """Which losses of an epoch run with Pyro's validation on: its 8 training steps (batch 200
+    on digits) and then the test ELBO (one chunk of the 300 test images). With first_step only
+    the epoch's first step has it; the setting outside training is left as it was."""
     seen = []
     original = ELBOS["trace"].differentiable_loss
 
     def recording(self, model, guide, x):
-        if x.shape[0] == 200 or x.shape[0] == 97:  # a training batch, not a test chunk
-            seen.append(pyro.infer.util.is_validation_enabled())
+        seen.append((x.shape[0], pyro.infer.util.is_validation_enabled()))
         return original(self, model, guide, x)
 
     config = small_config(epochs=2, batch_size=200, validation=validation)
@@ -365,7 +364,8 @@ def test_pyro_validation_runs_on_the_steps_config_validation_names(digits, valid
         with pyro.validation_enabled(True):
             fit(small_vae(config), digits, config)
             assert pyro.infer.util.is_validation_enabled()
-    assert seen == expected * 2
+    assert [rows for rows, _ in seen] == ([200] * 7 + [97, 300]) * 2
+    assert [on for _, on in seen] == expected * 2
 
 
 def test_default_optimizer_is_fused_adam_and_steps_like_torch_adam(digits):
