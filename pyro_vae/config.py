@@ -83,7 +83,12 @@ class Config:
     prior_kwargs: dict = field(default_factory=dict)
     likelihood_kwargs: dict = field(default_factory=dict)
     guide_kwargs: dict = field(default_factory=dict)
-    elbo: str = _setting("trace", "ELBO estimator: trace = Monte Carlo, meanfield = analytic KL")
+    elbo: str = _setting(
+        "trace",
+        "training objective: trace = Monte Carlo ELBO, meanfield = analytic KL, stl = ELBO with "
+        "path-derivative gradients, iwae = importance-weighted bound, dreg = iwae with doubly "
+        "reparameterized gradients (docs/objectives.md)",
+    )
     num_particles: int = _setting(1, "samples of z per datapoint and step (vectorized)")
     lr: float = _setting(1e-3, "Adam learning rate")
     clip_norm: float | None = _setting(

@@ -25,7 +25,7 @@ from pyro_vae.data import Dataset, check_finite, iterate_batches
 from pyro_vae.describe import build_vae, is_buildable, record_model
 from pyro_vae.devices import fork_rng, set_rng_state
 from pyro_vae.estimators import AnalyticKLWarning, sampled_kl_sites
-from pyro_vae.objectives import get_elbo
+from pyro_vae.objectives import get_elbo, is_importance_weighted
 from pyro_vae.runs import load_model_state, save_checkpoint, save_config, write_metrics
 from pyro_vae.vae import VAE
 
@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 #: Datapoints per forward pass when evaluating; bounds memory, not results.
 EVAL_BATCH_SIZE = 2000
+
+#: The test columns of the metrics rows, and how errors call them.
+TEST_METRICS = {"test_elbo": "test ELBO", "test_iwae": "test IWAE bound"}
 
 
 def kl_weight(config: Config, step: int, steps_per_epoch: int) -> float:
@@ -154,7 +157,10 @@ def check_config_describes(vae: VAE, config: Config) -> None:
 
 @torch.no_grad()
 def evaluate_elbo(vae: VAE, x: torch.Tensor, elbo: str = "trace", num_particles: int = 1) -> float:
-    """Mean ELBO per datapoint (nats) at KL weight 1, without touching the parameters.
+    """Mean per datapoint (nats) of the bound that the objective ``elbo`` estimates, at KL
+    weight 1, without touching the parameters: the ELBO, or for an importance-weighted
+    objective (:func:`~pyro_vae.objectives.is_importance_weighted`: ``iwae``, ``dreg``) the
+    IWAE bound with K = ``num_particles``.
 
     :param VAE vae: the model.
     :param torch.Tensor x: data, ``(N, data_dim)``.
@@ -207,8 +213,9 @@ def train_epoch(
 ) -> tuple[float, int]:
     """One pass over ``x`` in random minibatches.
 
-    :returns: the mean training objective per datapoint (the ELBO at the current KL weight)
-        and the updated global step counter.
+    :returns: the mean training objective per datapoint (the ELBO at the current KL weight,
+        or the IWAE bound for an importance-weighted objective) and the updated global step
+        counter.
     :raises FloatingPointError: if the loss is NaN or infinite; the parameters are not updated.
     """
     loss_fn = get_elbo(config.elbo, config.num_particles)
@@ -297,8 +304,11 @@ def fit(
     :param on_epoch_end: called with each new metrics row, after the run folder is updated.
     :param optimizer: the optimizer over ``vae.parameters()``; default
         :func:`default_optimizer`, Adam at ``config.lr``.
-    :returns: one row per epoch: ``epoch``, ``step``, ``kl_scale``, ``train_elbo``,
-        ``test_elbo`` (nats per datapoint, higher is better) and ``seconds``.
+    :returns: one row per epoch: ``epoch``, ``step``, ``kl_scale``, ``train_elbo`` (the
+        training objective), ``test_elbo`` (the ELBO at KL weight 1, whatever the objective;
+        nats per datapoint, higher is better) and ``seconds``; for an importance-weighted
+        ``config.elbo`` (``iwae``, ``dreg``) also ``test_iwae``, the test IWAE bound with
+        K = ``config.num_particles`` at KL weight 1, after ``test_elbo``.
     :raises FloatingPointError: if the loss or the parameters become NaN or infinite; the run
         folder keeps the last good epoch.
 
@@ -385,18 +395,30 @@ def _train_and_test(
     vae.eval()
     # The test set was checked whole before training, and the model on this epoch's first step.
     with pyro_checks(config, first=False):
-        test_elbo = evaluate_elbo(vae, dataset.test_x, config.elbo, config.num_particles)
-    if not math.isfinite(test_elbo):
-        raise FloatingPointError(
-            f"the test ELBO became {test_elbo} after epoch {epoch}; "
-            "try a lower config.lr or set config.clip_norm"
-        )
+        tests = _test_metrics(vae, dataset.test_x, config)
+    for column, value in tests.items():
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"the {TEST_METRICS[column]} became {value} after epoch {epoch}; "
+                "try a lower config.lr or set config.clip_norm"
+            )
     row = {
         "epoch": epoch,
         "step": step,
         "kl_scale": vae.kl_scale,
         "train_elbo": train_elbo,
-        "test_elbo": test_elbo,
+        **tests,
         "seconds": time.perf_counter() - start,
     }
     return row, step
+
+
+def _test_metrics(vae: VAE, x: torch.Tensor, config: Config) -> dict[str, float]:
+    """``test_elbo``, the ELBO at KL weight 1 whatever the objective, and for an
+    importance-weighted objective ``test_iwae``, its IWAE bound with K = num_particles."""
+    if not is_importance_weighted(config.elbo):
+        return {"test_elbo": evaluate_elbo(vae, x, config.elbo, config.num_particles)}
+    return {
+        "test_elbo": evaluate_elbo(vae, x, "trace", config.num_particles),
+        "test_iwae": evaluate_elbo(vae, x, config.elbo, config.num_particles),
+    }

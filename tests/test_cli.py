@@ -59,6 +59,14 @@ def test_train_writes_every_file_of_the_run_folder(run_dir, capsys):
     assert load_run(run_dir).vae.latent_dim == 2
 
 
+def test_train_with_an_importance_weighted_objective_records_the_test_iwae_bound(tmp_path):
+    out = tmp_path / "iw"
+    assert main(["train", *TINY, "--elbo", "dreg", "--num-particles", "5", "--out", str(out)]) == 0
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert lines[0].split(",")[3:6] == ["train_elbo", "test_elbo", "test_iwae"]
+    assert json.loads((out / "config.json").read_text())["elbo"] == "dreg"
+
+
 def test_train_prints_where_the_run_went(tmp_path, capsys):
     out = tmp_path / "r"
     assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
