@@ -62,7 +62,7 @@ from pyro_vae.distributions import positive_scale
 from pyro_vae.report import evaluation_file
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("train", "logpx", "evaluate", "peer", "profile")
+SECTIONS = ("train", "objectives", "logpx", "evaluate", "peer", "profile")
 #: Sections run only when asked for by ``--sections``.
 EXTRA_SECTIONS = ("compile",)
 #: The targets of issue 11, as fractions; RESULTS.md says for each whether it holds.
@@ -158,14 +158,14 @@ def linear_macs(module: nn.Module) -> tuple[int, int]:
     return sum(sizes), sizes[0]
 
 
-def train_flops(vae: nn.Module) -> tuple[float, float]:
-    """FLOPs per image of a training step and of a test forward pass of encoder and decoder:
-    forward 2 MACs, weight gradients 2 MACs, input gradients 2 MACs except for the first layer
-    (the data need no gradient)."""
+def train_flops(vae: nn.Module, k: int = 1) -> tuple[float, float]:
+    """FLOPs per image of a training step and of a test forward pass of encoder and decoder,
+    with ``k`` draws through the decoder: forward 2 MACs, weight gradients 2 MACs, input
+    gradients 2 MACs except for the first layer (the data need no gradient)."""
     enc, enc_first = linear_macs(vae.encoder)
     dec, _ = linear_macs(vae.decoder)
-    total = enc + dec
-    return 2 * total + 2 * total + 2 * (total - enc_first), 2 * total
+    step = 6 * enc - 2 * enc_first + k * 6 * dec
+    return step, 2 * (enc + k * dec)
 
 
 # ----------------------------------------------------------------------------- contenders
@@ -190,6 +190,90 @@ class PlainVAE(nn.Module):
         else:  # log q(z|x) - log p(z) at the draw; the 0.5 log(2 pi) terms cancel
             kl = (0.5 * (z**2 - eps**2) - scale.log()).sum()
         return kl - log_px
+
+    def log_weights(self, x: torch.Tensor, k: int, stop_score: bool = False) -> tuple:
+        """The ``(K, B)`` log-weights log p(x, z) - log q(z|x) of K reparameterized draws per
+        datapoint (the 0.5 log(2 pi) terms cancel), and the draws; with ``stop_score`` the
+        parameters of q are detached in log q (the path derivative only)."""
+        loc, raw_scale = self.encoder(x).split(self.latent_dim, dim=-1)
+        scale = positive_scale(raw_scale)
+        z = loc + scale * torch.randn((k,) + loc.shape, device=x.device)
+        logits = self.decoder(z)
+        log_px = -F.binary_cross_entropy_with_logits(
+            logits, x.expand_as(logits), reduction="none"
+        ).sum(-1)
+        q_loc, q_scale = (loc.detach(), scale.detach()) if stop_score else (loc, scale)
+        log_q = (-0.5 * ((z - q_loc) / q_scale) ** 2 - q_scale.log()).sum(-1)
+        return log_px - 0.5 * (z**2).sum(-1) - log_q, z
+
+    def objective_loss(self, x: torch.Tensor, name: str, k: int) -> torch.Tensor:
+        """Minus the ``stl``, ``iwae`` or ``dreg`` objective summed over the batch, written out
+        (DReG with a hook that weights the gradient reaching each draw by its normalized
+        weight, as the DReG paper's reference code does in two losses)."""
+        log_w, z = self.log_weights(x, k, stop_score=name in ("stl", "dreg"))
+        if name == "stl":
+            return -log_w.mean(0).sum()
+        if name == "dreg":
+            weights = torch.softmax(log_w.detach(), dim=0)
+            z.register_hook(lambda grad: grad * weights.unsqueeze(-1))
+        return -(log_w.logsumexp(0) - math.log(k)).sum()
+
+
+def plain_objective_epoch(model: PlainVAE, data, batch_size: int, name: str, k: int, fused: bool):
+    """One hand-written epoch of ``name`` with ``k`` draws, then the test metrics ``fit``
+    records for it: the K-draw test ELBO and, for iwae and dreg, the test IWAE bound."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused or None)
+    torch.manual_seed(0)
+    x = data.train_x
+    order = torch.randperm(x.shape[0], device=x.device)
+    for start in range(0, x.shape[0], batch_size):
+        batch = torch.bernoulli(x[order[start : start + batch_size]])
+        loss = model.objective_loss(batch, name, k)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        for chunk in data.test_x.split(2000):
+            model.log_weights(chunk, k)[0].mean(0).sum().item()
+            if name != "stl":
+                model.log_weights(chunk, k)[0].logsumexp(0).sum().item()
+
+
+def objectives_section(data, device, sizes: Sizes, peak: float, batch_size: int = 100):
+    """``fit`` with the ``stl``, ``iwae`` and ``dreg`` objectives against the same objectives
+    written by hand, at one batch size."""
+    rows = []
+    for name, k in (("stl", 1), ("iwae", 5), ("dreg", 5)):
+        torch.manual_seed(0)
+        vae = VAE(data.data_dim, sizes.latent_dim, sizes.hidden_dims).to(device)
+        plain = PlainVAE(copy.deepcopy(vae.encoder), copy.deepcopy(vae.decoder), sizes.latent_dim)
+        plain_fused = copy.deepcopy(plain)
+        config = Config(dataset=data.name, epochs=1, batch_size=batch_size, elbo=name)
+        config = dataclasses.replace(config, num_particles=k)
+        timings = interleave(
+            {
+                "pyro_vae": lambda vae=vae, config=config: fit(vae, data, config),
+                "plain": lambda m=plain, n=name, k=k: plain_objective_epoch(
+                    m, data, batch_size, n, k, fused=False
+                ),
+                "plain_fused": lambda m=plain_fused, n=name, k=k: plain_objective_epoch(
+                    m, data, batch_size, n, k, fused=True
+                ),
+            },
+            sizes.rounds,
+            device,
+        )
+        step, test = train_flops(vae, k)
+        test_passes = 1 if name == "stl" else 2
+        flops = step * data.train_x.shape[0] + test_passes * test * data.test_x.shape[0]
+        row = {"batch_size": batch_size, "elbo": name, "num_particles": k, "timings": timings}
+        for contender, t in timings.items():
+            row[f"{contender}_images_per_s"] = data.train_x.shape[0] / t["median"]
+            row[f"{contender}_roofline"] = flops / t["median"] / 1e9 / peak
+        row["fit_vs_plain"] = row["pyro_vae_images_per_s"] / row["plain_images_per_s"]
+        row["fit_vs_plain_fused"] = row["pyro_vae_images_per_s"] / row["plain_fused_images_per_s"]
+        rows.append(row)
+    return rows
 
 
 def plain_epoch(model: PlainVAE, data, batch_size: int, analytic_kl: bool, fused: bool) -> None:
@@ -625,6 +709,8 @@ def _render_report(r: dict) -> list[str]:
         )
     if "train" in r:
         out += _render_train(r)
+    if "objectives" in r:
+        out += _render_objectives(r)
     if "peer" in r:
         p = r["peer"]
         out += [
@@ -683,6 +769,26 @@ def _render_report(r: dict) -> list[str]:
             f"took time. The training step alone (Pyro's loss, backward, fused Adam; no data "
             f"pipeline, test ELBO or checks) reaches {100 * r['profile']['step_roofline']:.0f}%.",
         ]
+    return out
+
+
+def _render_objectives(r: dict) -> list[str]:
+    out = [
+        "",
+        f"### The importance-weighted and path-derivative objectives (batch "
+        f"{r['objectives'][0]['batch_size']}; the hand-written versions in `PlainVAE`)",
+        "",
+        "| ELBO | K | `fit` images/s | plain images/s | plain + fused Adam images/s | "
+        "fit / plain | fit / plain fused | roofline fit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["objectives"]:
+        out.append(
+            f"| {row['elbo']} | {row['num_particles']} | {row['pyro_vae_images_per_s']:.0f} | "
+            f"{row['plain_images_per_s']:.0f} | {row['plain_fused_images_per_s']:.0f} | "
+            f"**{row['fit_vs_plain']:.2f}** | {row['fit_vs_plain_fused']:.2f} | "
+            f"{100 * row['pyro_vae_roofline']:.0f}% |"
+        )
     return out
 
 
@@ -868,6 +974,7 @@ def main(argv=None) -> None:
     peak = matmul_gflops(device, sizes.matmul_size)
     runners = {
         "train": lambda: train_section(data, device, sizes, peak),
+        "objectives": lambda: objectives_section(data, device, sizes, peak, sizes.batch_sizes[1]),
         "peer": lambda: peer_section(data, device, sizes),
         "logpx": lambda: logpx_section(args, peak),
         "profile": lambda: profile_section(data, device, sizes, peak),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("train", "logpx", "evaluate", "peer", "profile")
+SECTIONS = ("train", "objectives", "logpx", "evaluate", "peer", "profile")
 
 
 def run_script(*command, env=None):
@@ -63,6 +63,17 @@ def test_speed_harness_measures_every_contender_of_the_training_section(tiny_spe
         assert row["fit_vs_plain"] == pytest.approx(ratio)
         assert all(positive(row[f"{n}_roofline"]) for n in ("pyro_vae", "plain", "plain_fused"))
         assert row["pyro_vae_roofline"] / row["plain_roofline"] == pytest.approx(ratio)
+
+
+def test_speed_harness_measures_the_other_objectives_against_hand_written_ones(tiny_speed):
+    report, text = tiny_speed
+    rows = report["objectives"]
+    assert [(r["elbo"], r["num_particles"]) for r in rows] == [("stl", 1), ("iwae", 5), ("dreg", 5)]
+    for row in rows:
+        check_timings(row["timings"], {"pyro_vae", "plain", "plain_fused"})
+        ratio = row["pyro_vae_images_per_s"] / row["plain_images_per_s"]
+        assert row["fit_vs_plain"] == pytest.approx(ratio)
+        assert f"| {row['elbo']} | {row['num_particles']} |" in text
 
 
 def test_speed_harness_logpx_peer_evaluate_and_profile_sections(tiny_speed):
@@ -136,3 +147,47 @@ def test_mnist_results_script_tiny(tmp_path):
     for run in ("mnist", "mnist-mixture", "mnist-vamp", "mnist-fullcov", "mnist-iaf"):
         assert {f"{run}-metrics.csv", f"{run}-evaluation.json"} <= files
     assert {"comparison.json", "comparison.md", "mixture_log_prob.json"} <= files
+
+
+@pytest.mark.parametrize(
+    "name, k", [("trace", 1), ("meanfield", 1), ("stl", 1), ("iwae", 5), ("dreg", 5)]
+)
+def test_hand_written_contenders_compute_the_library_objectives(name, k, monkeypatch):
+    """The speed comparison is fair only if the hand-written losses are the same objectives:
+    on the same draws (torch's random normals made to come out as Pyro's do), their values
+    and gradients are pyro_vae's, in float64."""
+    import copy
+
+    import pyro
+    import torch
+    from torch.distributions.utils import _standard_normal
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    speed = __import__("speed")
+    from pyro_vae import VAE
+    from pyro_vae.objectives import get_elbo
+
+    torch.manual_seed(0)
+    vae = VAE(64, latent_dim=4, hidden_dims=(32,)).double()
+    plain = speed.PlainVAE(copy.deepcopy(vae.encoder), copy.deepcopy(vae.decoder), 4)
+    x = torch.bernoulli(torch.full((6, 64), 0.3, dtype=torch.float64))
+
+    def normal(shape, device=None):
+        return _standard_normal(shape, dtype=torch.float64, device=device)
+
+    monkeypatch.setattr(torch, "randn", normal)
+    monkeypatch.setattr(torch, "randn_like", lambda t: normal(t.shape, t.device))
+    torch.manual_seed(1)
+    if name in ("trace", "meanfield"):
+        expected = plain.loss(x, analytic_kl=name == "meanfield")
+    else:
+        expected = plain.objective_loss(x, name, k)
+    expected.backward()
+    torch.manual_seed(1)
+    with pyro.validation_enabled(False):
+        actual = get_elbo(name, k).differentiable_loss(vae.model, vae.guide, x)
+    actual.backward()
+    torch.testing.assert_close(actual.detach(), expected.detach(), rtol=1e-12, atol=1e-10)
+    library = [*vae.encoder.parameters(), *vae.decoder.parameters()]
+    for a, b in zip(library, plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
