@@ -59,6 +59,7 @@ from torch.nn import functional as F
 from pyro_vae import VAE, Config, estimate_log_likelihood, fit, load_dataset, train_run
 from pyro_vae.devices import resolve_device
 from pyro_vae.distributions import positive_scale
+from pyro_vae.objectives import is_importance_weighted
 from pyro_vae.report import evaluation_file
 
 HERE = Path(__file__).resolve().parent
@@ -178,7 +179,26 @@ class PlainVAE(nn.Module):
         super().__init__()
         self.encoder, self.decoder, self.latent_dim = encoder, decoder, latent_dim
 
-    def loss(self, x: torch.Tensor, analytic_kl: bool) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, elbo: str, k: int = 1) -> torch.Tensor:
+        """Minus the objective ``elbo`` (a key of pyro_vae's ELBO registry) summed over the
+        batch, written out: the one-sample ELBO for ``trace`` and ``meanfield``, else
+        :meth:`objective_loss` with ``k`` draws."""
+        if elbo in ("trace", "meanfield"):
+            return self._elbo_loss(x, analytic_kl=elbo == "meanfield")
+        return self.objective_loss(x, elbo, k)
+
+    def test_metrics(self, x: torch.Tensor, elbo: str, k: int) -> None:
+        """The test metrics ``fit`` records for ``elbo``: the test ELBO (the objective's value
+        for ``trace``, ``meanfield`` and ``stl``) and, for iwae and dreg, the K-draw test ELBO
+        and the test IWAE bound, each from its own draws."""
+        if elbo in ("trace", "meanfield"):
+            self._elbo_loss(x, analytic_kl=elbo == "meanfield").item()
+            return
+        self.log_weights(x, k)[0].mean(0).sum().item()
+        if elbo != "stl":
+            self.log_weights(x, k)[0].logsumexp(0).sum().item()
+
+    def _elbo_loss(self, x: torch.Tensor, analytic_kl: bool) -> torch.Tensor:
         """Minus the one-sample ELBO summed over the batch."""
         loc, raw_scale = self.encoder(x).split(self.latent_dim, dim=-1)
         scale = positive_scale(raw_scale)
@@ -219,106 +239,64 @@ class PlainVAE(nn.Module):
         return -(log_w.logsumexp(0) - math.log(k)).sum()
 
 
-def plain_objective_epoch(model: PlainVAE, data, batch_size: int, name: str, k: int, fused: bool):
-    """One hand-written epoch of ``name`` with ``k`` draws, then the test metrics ``fit``
-    records for it: the K-draw test ELBO and, for iwae and dreg, the test IWAE bound."""
+def objectives_section(data, device, sizes: Sizes, peak: float, batch_size: int = 100):
+    """``fit`` with the ``stl``, ``iwae`` and ``dreg`` objectives against the same objectives
+    written by hand, at one batch size."""
+    return [
+        _comparison_row(data, device, sizes, peak, batch_size, elbo, k)
+        for elbo, k in (("stl", 1), ("iwae", 5), ("dreg", 5))
+    ]
+
+
+def plain_epoch(model: PlainVAE, data, batch_size: int, elbo: str, k: int, fused: bool) -> None:
+    """One epoch of a hand-written training loop of ``elbo`` with ``k`` draws, then its test
+    metrics, as a user writes them."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused or None)
     torch.manual_seed(0)
     x = data.train_x
     order = torch.randperm(x.shape[0], device=x.device)
     for start in range(0, x.shape[0], batch_size):
         batch = torch.bernoulli(x[order[start : start + batch_size]])
-        loss = model.objective_loss(batch, name, k)
+        loss = model.loss(batch, elbo, k)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
         for chunk in data.test_x.split(2000):
-            model.log_weights(chunk, k)[0].mean(0).sum().item()
-            if name != "stl":
-                model.log_weights(chunk, k)[0].logsumexp(0).sum().item()
-
-
-def objectives_section(data, device, sizes: Sizes, peak: float, batch_size: int = 100):
-    """``fit`` with the ``stl``, ``iwae`` and ``dreg`` objectives against the same objectives
-    written by hand, at one batch size."""
-    rows = []
-    for name, k in (("stl", 1), ("iwae", 5), ("dreg", 5)):
-        torch.manual_seed(0)
-        vae = VAE(data.data_dim, sizes.latent_dim, sizes.hidden_dims).to(device)
-        plain = PlainVAE(copy.deepcopy(vae.encoder), copy.deepcopy(vae.decoder), sizes.latent_dim)
-        plain_fused = copy.deepcopy(plain)
-        config = Config(dataset=data.name, epochs=1, batch_size=batch_size, elbo=name)
-        config = dataclasses.replace(config, num_particles=k)
-        timings = interleave(
-            {
-                "pyro_vae": lambda vae=vae, config=config: fit(vae, data, config),
-                "plain": lambda m=plain, n=name, k=k: plain_objective_epoch(
-                    m, data, batch_size, n, k, fused=False
-                ),
-                "plain_fused": lambda m=plain_fused, n=name, k=k: plain_objective_epoch(
-                    m, data, batch_size, n, k, fused=True
-                ),
-            },
-            sizes.rounds,
-            device,
-        )
-        step, test = train_flops(vae, k)
-        test_passes = 1 if name == "stl" else 2
-        flops = step * data.train_x.shape[0] + test_passes * test * data.test_x.shape[0]
-        row = {"batch_size": batch_size, "elbo": name, "num_particles": k, "timings": timings}
-        for contender, t in timings.items():
-            row[f"{contender}_images_per_s"] = data.train_x.shape[0] / t["median"]
-            row[f"{contender}_roofline"] = flops / t["median"] / 1e9 / peak
-        row["fit_vs_plain"] = row["pyro_vae_images_per_s"] / row["plain_images_per_s"]
-        row["fit_vs_plain_fused"] = row["pyro_vae_images_per_s"] / row["plain_fused_images_per_s"]
-        rows.append(row)
-    return rows
-
-
-def plain_epoch(model: PlainVAE, data, batch_size: int, analytic_kl: bool, fused: bool) -> None:
-    """One epoch of a hand-written training loop, then the test ELBO, as a user writes them."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused or None)
-    torch.manual_seed(0)
-    x = data.train_x
-    order = torch.randperm(x.shape[0], device=x.device)
-    for start in range(0, x.shape[0], batch_size):
-        batch = torch.bernoulli(x[order[start : start + batch_size]])
-        loss = model.loss(batch, analytic_kl)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        sum(model.loss(chunk, analytic_kl).item() for chunk in data.test_x.split(2000))
+            model.test_metrics(chunk, elbo, k)
 
 
 def train_section(data, device: torch.device, sizes: Sizes, peak: float) -> list[dict]:
     rows = []
     for batch_size in sizes.batch_sizes:
         for elbo in sizes.elbos:
-            rows.append(_train_row(data, device, sizes, peak, batch_size, elbo))
+            rows.append(_comparison_row(data, device, sizes, peak, batch_size, elbo))
     return rows
 
 
-def _train_row(data, device, sizes: Sizes, peak: float, batch_size: int, elbo: str) -> dict:
+def _comparison_row(
+    data, device, sizes: Sizes, peak: float, batch_size: int, elbo: str, k: int = 1
+) -> dict:
+    """One epoch of ``fit`` against the hand-written loop, with and without fused Adam, from
+    the same initial weights: timings, images/s, roofline fractions and the ratios."""
     torch.manual_seed(0)
     vae = VAE(data.data_dim, sizes.latent_dim, sizes.hidden_dims).to(device)
     plain = PlainVAE(copy.deepcopy(vae.encoder), copy.deepcopy(vae.decoder), sizes.latent_dim)
     plain_fused = copy.deepcopy(plain)
-    config = Config(dataset=data.name, epochs=1, batch_size=batch_size, elbo=elbo)
-    analytic = elbo == "meanfield"
+    config = Config(dataset=data.name, epochs=1, batch_size=batch_size, elbo=elbo, num_particles=k)
     timings = interleave(
         {
             "pyro_vae": lambda: fit(vae, data, config),
-            "plain": lambda: plain_epoch(plain, data, batch_size, analytic, fused=False),
-            "plain_fused": lambda: plain_epoch(plain_fused, data, batch_size, analytic, True),
+            "plain": lambda: plain_epoch(plain, data, batch_size, elbo, k, fused=False),
+            "plain_fused": lambda: plain_epoch(plain_fused, data, batch_size, elbo, k, True),
         },
         sizes.rounds,
         device,
     )
-    step, test = train_flops(vae)
-    flops = step * data.train_x.shape[0] + test * data.test_x.shape[0]
-    row = {"batch_size": batch_size, "elbo": elbo, "timings": timings}
+    step, test = train_flops(vae, k)
+    test_passes = 2 if is_importance_weighted(elbo) else 1  # test ELBO and test IWAE bound
+    flops = step * data.train_x.shape[0] + test_passes * test * data.test_x.shape[0]
+    row = {"batch_size": batch_size, "elbo": elbo, "num_particles": k, "timings": timings}
     for name, t in timings.items():
         row[f"{name}_images_per_s"] = data.train_x.shape[0] / t["median"]
         row[f"{name}_roofline"] = flops / t["median"] / 1e9 / peak
