@@ -4,6 +4,7 @@ from pyro_vae.compare import (
     Comparison,
     compare_elbo_variance,
     compare_gradient_variance,
+    compare_objective_gradients,
     compare_run,
     compare_training,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "active_units",
     "compare_elbo_variance",
     "compare_gradient_variance",
+    "compare_objective_gradients",
     "compare_run",
     "compare_training",
     "estimate_elbo",

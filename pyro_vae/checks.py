@@ -46,6 +46,21 @@ def check_positive(name: str, value: object) -> float:
     return float(value)
 
 
+def check_non_negative(name: str, value: object) -> float:
+    """``value`` as a ``float`` if it is 0 or a finite real number greater than 0 (not a bool):
+    a budget that 0 switches off.
+
+    :raises ValueError: naming ``name`` and the value.
+
+    >>> check_non_negative("seconds", 0)
+    0.0
+    """
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be 0 or a positive finite number, got {value!r}")
+    return float(value)
+
+
 def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
     """``value`` if it is one of ``choices`` (a registry dict or a sequence of names).
 

@@ -3,7 +3,6 @@ one line, ``pyro-vae: error: ...`` (exit 2 for usage errors; ``--debug`` shows t
 
 import argparse
 import dataclasses
-import json
 import logging
 import re
 import shlex
@@ -16,11 +15,19 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_vae import report
-from pyro_vae.checks import check_int, check_positive
-from pyro_vae.compare import compare_run
+from pyro_vae.compare import OBJECTIVES, PARTICLES, compare_run
 from pyro_vae.config import CHOICES, Config
-from pyro_vae.devices import check_device_name, resolve_device
+from pyro_vae.devices import resolve_device
 from pyro_vae.evaluate import evaluate_run, fix_malloc_threshold
+from pyro_vae.flags import (
+    device_name,
+    key_value,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed_value,
+)
 from pyro_vae.plots import plot_images
 from pyro_vae.runs import RunFolderError, RunInterrupted, holds_run, load_run, resume_run, train_run
 
@@ -42,42 +49,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
 class UsageError(ValueError):
     """Flags that do not go together; reported like an argparse error, with exit code 2."""
-
-
-def number(convert, what: str, check, **bounds):
-    """An argparse type: a number that a :mod:`pyro_vae.checks` function accepts, or ``what``."""
-
-    def parse(text: str):
-        try:
-            return check("value", convert(text), **bounds)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-
-    return parse
-
-
-positive_int = number(int, "a positive integer", check_int)
-non_negative_int = number(int, "a non-negative integer", check_int, minimum=0)
-seed_value = number(int, "an integer in [0, 2**32 - 1]", check_int, minimum=0, maximum=2**32 - 1)
-positive_float = number(float, "a positive finite number", check_positive)
-
-
-def device_name(text: str) -> str:
-    try:
-        return check_device_name(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def key_value(text: str) -> tuple[str, object]:
-    """Parse ``NAME=VALUE``; VALUE is read as JSON when it can be (numbers, lists, true)."""
-    name, sep, value = text.partition("=")
-    if not sep or not name.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    try:
-        return name, json.loads(value)
-    except json.JSONDecodeError:
-        return name, value
 
 
 #: The argparse type of each flag made from a Config field (the choices come from CHOICES).
@@ -205,7 +176,8 @@ def cmd_evaluate(args) -> int:
 def cmd_compare(args) -> int:
     if args.draws < 2:
         raise UsageError(f"--draws must be at least 2 to measure a spread, got {args.draws}")
-    names = ("num_points", "batch_size", "train_epochs", "seed", "data_dir", "device")
+    names = "num_points batch_size objectives particles train_seconds train_particles"
+    names = (*names.split(), "num_samples", "seed", "data_dir", "device")
     options = {name: getattr(args, name) for name in names}
     result = compare_run(args.run_dir, num_draws=args.draws, **options)
     paths = report.write_comparison(args.run_dir, result, args.command_line)
@@ -253,13 +225,20 @@ def build_parser() -> ArgumentParser:
     arg("--num-samples", type=positive_int, default=5000, help="importance samples K for log p(x)")
     arg("--split", choices=["test", "train"], default="test", help="data split")
     arg("--limit", type=positive_int, default=None, help="evaluate only the first N datapoints")
-    help = "Monte Carlo vs analytic-KL ELBO: estimator and gradient variance, training curves"
-    arg = add_run_command(commands, cmd_compare, help, run_flags)
+    help = "the estimator study: ELBO and gradient variance, gradient SNR by objective and K, "
+    arg = add_run_command(commands, cmd_compare, help + "training curves, log p(x)", run_flags)
     arg("--draws", type=positive_int, default=100, help="draws R per estimate")
-    arg("--num-points", type=positive_int, default=1000, help="test points M of the ELBO study")
+    arg("--num-points", type=positive_int, default=1000, help="test points M (ELBO study, scores)")
     arg("--batch-size", type=positive_int, default=128, help="minibatch of the gradient study")
-    help = "epochs of each training run (0 skips the training curves)"
-    arg("--train-epochs", type=non_negative_int, default=10, help=help)
+    choices, help = sorted(CHOICES["elbo"]), "objectives of the gradient grid and of the training"
+    arg("--objectives", nargs="+", choices=choices, default=list(OBJECTIVES), help=help)
+    help = "numbers of particles K of the gradient grid"
+    arg("--particles", nargs="+", type=positive_int, default=list(PARTICLES), help=help)
+    help = "training seconds of each objective (0 skips the training study)"
+    arg("--train-seconds", type=non_negative_float, default=30.0, help=help)
+    arg("--train-particles", type=positive_int, default=5, help="K of each objective in training")
+    help = "importance samples K of the final log p(x) of each trained model"
+    arg("--num-samples", default=5000, type=positive_int, help=help)
     return parser
 
 

@@ -482,7 +482,7 @@ def _trace_pass(
     model_trace = prune_subsample_sites(model_trace)
     guide_trace.compute_log_prob()
     model_trace.compute_log_prob()
-    _check_sites(model_trace, guide_trace, plan.max_plate_nesting)
+    check_sites(model_trace, guide_trace, plan.max_plate_nesting)
 
     shape = (num_particles, x.shape[0])
     log_lik = x.new_zeros(shape)
@@ -491,7 +491,7 @@ def _trace_pass(
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample":
             continue
-        to_shape = _per_datapoint_reducer(site, plan.plate_name, plan.max_plate_nesting + 1, shape)
+        to_shape = per_datapoint_reducer(site, plan.plate_name, plan.max_plate_nesting + 1, shape)
         if site["is_observed"]:
             log_lik = log_lik + to_shape(_unscaled_log_prob(site))
             sites.observed += (name,)
@@ -598,13 +598,20 @@ def _unscaled_log_prob(site: dict) -> torch.Tensor:
     return scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
 
 
-def _per_datapoint_reducer(
+def per_datapoint_reducer(
     site: dict, plate_name: str, num_dims: int, shape: tuple[int, int]
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function taking a tensor of the site's batch shape to ``(num_particles, N)``.
 
     The particles plate is the leftmost of ``num_dims`` batch dims; every other plate except
-    the data plate is summed out.
+    the data plate is summed out. Shared with :mod:`pyro_vae.objectives`.
+
+    :param dict site: a sample site of a trace.
+    :param str plate_name: the name of the data plate.
+    :param int num_dims: the batch dims of the site's values, particles plate included.
+    :param tuple shape: ``(num_particles, N)``.
+    :raises ValueError: naming the site when it is outside the data plate or has more batch
+        dims than its plates.
     """
     data_dim = None
     for frame in site["cond_indep_stack"]:
@@ -632,8 +639,13 @@ def _per_datapoint_reducer(
     return reduce
 
 
-def _check_sites(model_trace, guide_trace, max_plate_nesting: int) -> None:
-    """Every model latent is sampled by the guide, and the guide samples nothing else."""
+def check_sites(
+    model_trace: poutine.Trace, guide_trace: poutine.Trace, max_plate_nesting: int
+) -> None:
+    """Every model latent is sampled by the guide, and the guide samples nothing else.
+
+    :raises ValueError: naming the sites that break it.
+    """
     model_latents = {
         name
         for name, site in model_trace.nodes.items()

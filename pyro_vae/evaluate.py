@@ -284,7 +284,7 @@ def _evaluate_elbos(vae: VAE, x: torch.Tensor, num_particles: int) -> dict:
             "analytic_kl": _elbo_summary(analytic),
             "difference": {
                 "mean": (mc.elbo - analytic.elbo).mean().item(),
-                "stderr": _stderr(mc.elbo - analytic.elbo),
+                "stderr": stderr_of_mean(mc.elbo - analytic.elbo),
             },
         },
         "analytic_kl_available": not analytic.sampled_sites,
@@ -315,7 +315,7 @@ def no_analytic_kl_note(vae: VAE, sites: Sequence[str]) -> str:
 def _elbo_summary(terms: ELBOTerms) -> dict:
     return {
         "mean": terms.elbo.mean().item(),
-        "stderr": _stderr(terms.elbo),
+        "stderr": stderr_of_mean(terms.elbo),
         "mc_stderr": finite_or_none(terms.stderr.pow(2).mean().sqrt() / math.sqrt(len(terms.elbo))),
         "reconstruction": terms.reconstruction.mean().item(),
         "kl": terms.kl.mean().item(),
@@ -328,7 +328,7 @@ def _log_likelihood_row(k: int, estimate: torch.Tensor, stderr: torch.Tensor) ->
     return {
         "k": k,
         "mean": estimate.mean().item(),
-        "stderr": _stderr(estimate),
+        "stderr": stderr_of_mean(estimate),
         "mc_stderr_mean": finite_or_none(stderr.mean()),
         "mc_stderr": finite_or_none(stderr.pow(2).mean().sqrt() / math.sqrt(len(stderr))),
     }
@@ -423,7 +423,7 @@ def fix_malloc_threshold() -> bool:
     return libc.mallopt(M_MMAP_THRESHOLD, 64 * 2**20) == 1
 
 
-def _stderr(values: torch.Tensor) -> float | None:
+def stderr_of_mean(values: torch.Tensor) -> float | None:
     """Standard deviation over datapoints over sqrt(N); ``None`` for one datapoint."""
     if len(values) < 2:
         return None

@@ -28,7 +28,7 @@ from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
 from pyro_vae.checks import check_choice, check_int
-from pyro_vae.estimators import _check_sites, _per_datapoint_reducer
+from pyro_vae.estimators import check_sites, per_datapoint_reducer
 
 #: Name of the plate over the K draws per datapoint, left of all the model's plates (Pyro's
 #: own name for it).
@@ -198,7 +198,7 @@ class PerDatapointELBO(ELBO):
         guide_trace = prune_subsample_sites(guide_trace)
         model_trace.compute_log_prob()
         guide_trace.compute_log_prob()
-        _check_sites(model_trace, guide_trace, self.model_plate_nesting)
+        check_sites(model_trace, guide_trace, self.model_plate_nesting)
         return model_trace, guide_trace
 
     def log_weights(self, model, guide, *args, **kwargs) -> torch.Tensor:
@@ -252,7 +252,7 @@ class PerDatapointELBO(ELBO):
             1,
         )
         num_dims = self.model_plate_nesting + 1
-        reduce = _per_datapoint_reducer(site, self.plate_name, num_dims, (self.num_particles, size))
+        reduce = per_datapoint_reducer(site, self.plate_name, num_dims, (self.num_particles, size))
         return reduce(scale_and_mask(log_prob, weight, site["mask"]))
 
     def _bound(self, log_w: torch.Tensor, latents: list) -> torch.Tensor:

@@ -199,6 +199,34 @@ def plot_training_comparison(
     return fig
 
 
+def plot_gradient_snr(rows: Sequence[dict], axes: Sequence[Axes] | None = None) -> Figure:
+    """Gradient SNR against the number of particles K, one line per objective and one panel
+    per parameter group (log-log).
+
+    :param rows: the ``rows`` of :func:`~pyro_vae.compare.compare_objective_gradients`.
+    :param axes: one axis per group to draw into, or ``None`` for a new figure.
+    """
+    groups = sorted({key for row in rows for key, v in row.items() if isinstance(v, dict)})
+    if axes is None:
+        fig = Figure(figsize=(5 * len(groups), 4), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(1, len(groups), sharey=True))
+    fig = axes[0].figure
+    objectives = list(dict.fromkeys(row["objective"] for row in rows))
+    for ax, group in zip(axes, groups):
+        for i, name in enumerate(objectives):
+            mine = [r for r in rows if r["objective"] == name and r[group]["snr"] is not None]
+            ks = [r["num_particles"] for r in mine]
+            ax.plot(ks, [r[group]["snr"] for r in mine], "o-", color=f"C{i}", label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("particles K")
+        ax.set_title(f"{group} parameters")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("gradient SNR, ||mean|| / sqrt(total variance)")
+    axes[0].legend()
+    return fig
+
+
 def plot_histogram(
     values: Sequence[float],
     xlabel: str,

@@ -16,7 +16,12 @@ from matplotlib.figure import Figure
 
 from pyro_vae.compare import ESTIMATORS, Comparison
 from pyro_vae.evaluate import Evaluation
-from pyro_vae.plots import plot_histogram, plot_training_comparison, save_figures
+from pyro_vae.plots import (
+    plot_gradient_snr,
+    plot_histogram,
+    plot_training_comparison,
+    save_figures,
+)
 from pyro_vae.runs import atomic_write_text
 
 #: Where ``pyro-vae evaluate`` writes its results, inside the run folder.
@@ -26,6 +31,7 @@ COMPARISON_FILE = "comparison.json"
 COMPARISON_MARKDOWN = "comparison.md"
 CURVES_FIGURE = "comparison_curves.png"
 STD_RATIO_FIGURE = "comparison_std_ratio.png"
+SNR_FIGURE = "comparison_snr.png"
 
 #: How reports name the two estimators of :data:`~pyro_vae.compare.ESTIMATORS`.
 LABELS = {"monte_carlo": "Monte Carlo KL", "analytic_kl": "analytic KL"}
@@ -132,7 +138,7 @@ def format_comparison_markdown(result: Comparison, command: str | None = None) -
     """
     model = result.model
     lines = [
-        f"### Monte Carlo vs analytic KL: {model['dataset']}, prior {model['prior']}, "
+        f"### Estimator study: {model['dataset']}, prior {model['prior']}, "
         f"guide {model['guide']}, latent dim {model['latent_dim']}",
         "",
     ]
@@ -142,6 +148,7 @@ def format_comparison_markdown(result: Comparison, command: str | None = None) -
         lines += [f"**Note: {result.note}**", ""]
     lines += _elbo_markdown(result.elbo_variance) + [""]
     lines += _gradient_markdown(result.gradient_variance, result.analytic_kl_available)
+    lines += [""] + _objective_gradients_markdown(result.objective_gradients)
     if result.training:
         lines += [""] + _training_markdown(result.training)
     return "\n".join(lines) + "\n"
@@ -213,27 +220,56 @@ def _gradient_markdown(gv: dict, analytic: bool) -> list[str]:
     return lines
 
 
-def _training_markdown(training: dict) -> list[str]:
-    score = training["score"]
+def _objective_gradients_markdown(grid: dict) -> list[str]:
+    groups = list(grid["groups"])
     lines = [
-        f"Trained from the same initialisation and seed for {_epochs(training['num_epochs'])} "
-        f"with each estimator; test ELBO scored with the analytic-KL estimator for both "
-        f"(`{score}`; one draw per test point, fixed seed):",
+        f"Gradient signal-to-noise ratio by objective and number of particles K, on the same "
+        f"minibatch of {grid['batch_size']} training points, {grid['num_draws']} draws per row: "
+        "||mean|| / sqrt(total variance), and in parentheses the median over parameters of "
+        "|mean| / std. `trace`, `meanfield` and `stl` estimate the gradient of the ELBO, "
+        "`iwae` and `dreg` that of the IWAE-K bound:",
         "",
-        "| trained with | final test ELBO | steps | seconds |",
-        "|---|---:|---:|---:|",
+        "| objective | K | " + " | ".join(f"{g} SNR | {g} total variance" for g in groups) + " |",
+        "|---|---:|" + "---:|---:|" * len(groups),
     ]
-    for label, rows in training["curves"].items():
-        last = rows[-1]
-        lines.append(
-            f"| {LABELS[label]} | {last[score]:.3f} | {last['step']} | {last['seconds']:.2f} |"
-        )
+    for row in grid["rows"]:
+        cells = []
+        for g in groups:
+            s = row[g]
+            cells += [f"{_num(s['snr'])} ({_num(s['median_snr'])})", _num(s["total_variance"], 4)]
+        lines.append(f"| {row['objective']} | {row['num_particles']} | " + " | ".join(cells) + " |")
+    return lines + ["", f"![gradient SNR against K]({SNR_FIGURE})"]
+
+
+def _training_markdown(training: dict) -> list[str]:
+    lines = [
+        f"Trained from the same initialisation and seed for {training['seconds']:g} s of "
+        f"training each, K = {training['num_particles']} for every objective; scored on the test "
+        f"points by the ELBO (analytic KL, one draw), the IWAE bound "
+        f"(K = {training['score_samples']}) and, at the end, log p(x) "
+        f"(K = {training['num_samples']}); the difference is to the first row, paired over the "
+        "same test points (± is over the test points, for this one training run of each):",
+        "",
+        "| trained with | steps | seconds | test ELBO | test IWAE bound | test log p(x) | "
+        "difference |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, (name, rows) in enumerate(training["curves"].items()):
+        last, ll = rows[-1], training["log_likelihood"][name]
+        cells = [name, str(last["step"]), _fmt(last["seconds"], 1), _fmt(last.get("test_elbo"))]
+        cells.append(_fmt(last.get("test_iwae")))
+        if "diverged" in ll:
+            cells += [f"diverged: {ll['diverged']}", ""]
+        else:
+            cells.append(f"{_fmt(ll['mean'])} ± {_num(ll['stderr'])}")
+            diff = f"{_fmt(ll['difference'], 2, sign=True)} ± {_num(ll['difference_stderr'])}"
+            cells.append(diff if i else "reference")
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Seconds are wall-clock (training plus fit's own per-epoch test ELBO) and depend on "
-        "the load of the machine.",
+        "Seconds count training steps only (not the scores) and depend on the load of the machine.",
         "",
-        f"![test ELBO against steps and seconds]({CURVES_FIGURE})",
+        f"![test IWAE bound against steps and seconds]({CURVES_FIGURE})",
     ]
     return lines
 
@@ -254,15 +290,17 @@ def write_comparison(
 
 
 def comparison_figures(result: Comparison) -> dict[str, Figure]:
-    """The figures of a comparison by file name: the training curves (when it has them) and
-    the histogram of the per-point std ratios."""
+    """The figures of a comparison by file name: the training curves (when it has them), the
+    gradient SNR against K and the histogram of the per-point std ratios."""
     figures = {}
     if result.training:
         training = result.training
-        curves = {LABELS[k]: rows for k, rows in training["curves"].items()}
         figures[CURVES_FIGURE] = plot_training_comparison(
-            curves, training["score"], "test ELBO, analytic-KL score (nats)"
+            training["curves"],
+            training["score"],
+            f"test IWAE bound, K = {training['score_samples']} (nats)",
         )
+    figures[SNR_FIGURE] = plot_gradient_snr(result.objective_gradients["rows"])
     ratios = [r for r in result.elbo_variance["std_ratios"] if r is not None and r > 0]
     if ratios:
         figures[STD_RATIO_FIGURE] = plot_histogram(
@@ -274,13 +312,9 @@ def comparison_figures(result: Comparison) -> dict[str, Figure]:
     return figures
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def _fmt(value: float | None, digits: int = 2, sign: bool = False) -> str:
+    return "-" if value is None else f"{value:{'+' if sign else ''}.{digits}f}"
 
 
-def _epochs(num: int) -> str:
-    return f"{num} epoch" if num == 1 else f"{num} epochs"
-
-
-def _num(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3g}"
+def _num(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}"

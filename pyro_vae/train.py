@@ -210,17 +210,20 @@ def train_epoch(
     config: Config,
     epoch: int,
     step: int,
+    stop: Callable[[int], bool] | None = None,
 ) -> tuple[float, int]:
     """One pass over ``x`` in random minibatches.
 
-    :returns: the mean training objective per datapoint (the ELBO at the current KL weight,
-        or the IWAE bound for an importance-weighted objective) and the updated global step
-        counter.
+    :param stop: called with the global step counter after every step; the pass ends early
+        when it returns ``True`` (a budget of time or steps).
+    :returns: the mean training objective per datapoint seen (the ELBO at the current KL
+        weight, or the IWAE bound for an importance-weighted objective) and the updated global
+        step counter.
     :raises FloatingPointError: if the loss is NaN or infinite; the parameters are not updated.
     """
     loss_fn = get_elbo(config.elbo, config.num_particles)
     steps_per_epoch = math.ceil(x.shape[0] / config.batch_size)
-    total = torch.zeros((), device=x.device)
+    total, seen = torch.zeros((), device=x.device), 0
     batches = iterate_batches(
         x, config.batch_size, shuffle=True, binarize=config.binarize == "dynamic"
     )
@@ -242,11 +245,14 @@ def train_epoch(
             torch.nn.utils.clip_grad_norm_(vae.parameters(), config.clip_norm)
         optimizer.step()
         total += loss.detach()
+        seen += batch.shape[0]
         step += 1
+        if stop is not None and stop(step):
+            break
     # The last step's update is not seen by a next loss: check it before anything is saved.
     if not all(torch.isfinite(p).all() for p in vae.parameters()):
         raise diverged("non-finite", epoch, step - 1, what="the parameters")
-    return -total.item() / x.shape[0], step
+    return -total.item() / seen, step
 
 
 def restore_checkpoint(

@@ -144,9 +144,17 @@ def test_mnist_results_script_tiny(tmp_path):
     result = run_script("bash", "benchmarks/mnist_results.sh", env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     files = {p.name for p in (tmp_path / "results").iterdir()}
-    for run in ("mnist", "mnist-mixture", "mnist-vamp", "mnist-fullcov", "mnist-iaf"):
+    runs = ("mnist", "mnist-mixture", "mnist-vamp", "mnist-fullcov", "mnist-iaf")
+    for run in (*runs, "mnist-iwae-k50", "mnist-dreg-k50"):
         assert {f"{run}-metrics.csv", f"{run}-evaluation.json"} <= files
     assert {"comparison.json", "comparison.md", "mixture_log_prob.json"} <= files
+    assert {"comparison_curves.png", "comparison_snr.png"} <= files
+    metrics = (tmp_path / "results" / "mnist-dreg-k50-metrics.csv").read_text().splitlines()
+    assert metrics[0].split(",")[:6] == [
+        "epoch", "step", "kl_scale", "train_elbo", "test_elbo", "test_iwae"
+    ]  # fmt: skip
+    study = json.loads((tmp_path / "results" / "comparison.json").read_text())
+    assert list(study["training"]["curves"]) == ["trace", "meanfield", "stl", "iwae", "dreg"]
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,11 @@
 import json
 import math
+import re
 import time
+import types
 
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 
@@ -9,11 +13,13 @@ from pyro_vae import (
     Comparison,
     compare_elbo_variance,
     compare_gradient_variance,
+    compare_objective_gradients,
     compare_run,
     compare_training,
     load_run,
 )
 from pyro_vae.cli import main
+from pyro_vae.compare import OBJECTIVES, _check_objectives
 from pyro_vae.objectives import get_elbo
 from pyro_vae.report import format_comparison_markdown
 
@@ -108,27 +114,141 @@ def test_decoder_gradient_is_the_same_for_both_estimators(run_dir, digits):
     assert result["variance_ratio"]["encoder"] == pytest.approx(ratio, rel=1e-4)
 
 
-def test_training_curves_start_from_one_initialisation(run_dir, digits):
+def hand_gradients(vae, x, elbo, num_particles, num_draws, seed, params):
+    """num_draws gradients of the mean loss by loss.backward (not autograd.grad), flattened."""
+    torch.manual_seed(seed)
+    grads = []
+    for _ in range(num_draws):
+        vae.zero_grad(set_to_none=False)
+        loss = get_elbo(elbo, num_particles).differentiable_loss(vae.model, vae.guide, x)
+        (loss / x.shape[0]).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in params]).double())
+    vae.zero_grad(set_to_none=True)
+    return torch.stack(grads)
+
+
+def test_objective_gradient_grid_has_the_identities_and_the_statistics(run_dir, digits):
+    vae = load_run(run_dir).vae
+    x = digits.test_x[:32]
+    result = compare_objective_gradients(vae, x, num_draws=8, particles=(1, 3))
+    rows = {(r["objective"], r["num_particles"]): r for r in result["rows"]}
+    assert list(rows) == [(name, k) for name in OBJECTIVES for k in (1, 3)]
+    assert result["groups"]["encoder"] == sum(p.numel() for p in vae.encoder.parameters())
+
+    def same(a, b):
+        for group in ("encoder", "decoder"):
+            for key in ("mean_norm", "total_variance", "snr", "median_snr"):
+                assert a[group][key] == pytest.approx(b[group][key], rel=1e-6), (group, key)
+
+    # At K = 1 the IWAE bound is the ELBO and DReG is STL, on the same draws.
+    same(rows["iwae", 1], rows["trace", 1])
+    same(rows["dreg", 1], rows["stl", 1])
+    # The decoder's gradient does not depend on how the guide's gradient is estimated.
+    for k in (1, 3):
+        for name in ("meanfield", "stl"):
+            assert rows[name, k]["decoder"] == rows["trace", k]["decoder"]
+        assert rows["dreg", k]["decoder"] == rows["iwae", k]["decoder"]
+    assert rows["iwae", 3]["decoder"] != rows["trace", 3]["decoder"]
+    # DReG's encoder row against gradients made here with loss.backward, where its hooks fire
+    # as they do in training: the total variance, the norm of the mean and the median SNR.
+    grads = hand_gradients(vae, x, "dreg", 3, 8, 0, list(vae.encoder.parameters()))
+    mean, std = grads.mean(0), grads.std(0)
+    encoder = rows["dreg", 3]["encoder"]
+    assert encoder["total_variance"] == pytest.approx(grads.var(0).sum().item(), rel=1e-5)
+    assert encoder["mean_norm"] == pytest.approx(mean.norm().item(), rel=1e-5)
+    varies = std > 0
+    median = (mean[varies].abs() / std[varies]).median().item()
+    assert encoder["median_snr"] == pytest.approx(median, rel=1e-5)
+    # The IWAE encoder gradient is noisier than DReG's at K = 3 on a trained model.
+    assert rows["iwae", 3]["encoder"]["total_variance"] > encoder["total_variance"]
+
+
+def race(config, digits, **options):
+    small = {"eval_x": digits.test_x[:50], "num_samples": 20, "score_samples": 20}
+    return compare_training(config, digits, seed=5, **{**small, **options})
+
+
+def test_training_race_starts_from_one_initialisation_and_pairs_the_objectives(run_dir, digits):
+    config = load_run(run_dir).config
+    objectives = ("trace", "iwae", "stl", "dreg")
+    result = race(config, digits, seconds=600, max_steps=20, objectives=objectives, num_particles=1)
+    curves = result["curves"]
+    assert list(curves) == list(objectives) == list(result["log_likelihood"])
+    assert result["num_particles"] == 1 and result["score"] == "test_iwae"
+    for name, rows in curves.items():
+        assert rows[0] == curves["trace"][0]  # the same initial model, the same scores
+        # 20 steps cut the first epoch of 24: the curve ends where the budget does.
+        assert [(r["epoch"], r["step"]) for r in rows] == [(0, 0), (1, 20)]
+        assert 0 < rows[-1]["seconds"] < 600
+        assert rows[-1]["train_objective"] > COIN_FLIPS
+        assert rows[-1]["test_iwae"] > rows[0]["test_iwae"] + 1  # the trained model is scored
+        # K=num_samples = score_samples: the final log p(x) is the last IWAE score, same seed.
+        assert result["log_likelihood"][name]["mean"] == pytest.approx(rows[-1]["test_iwae"])
+    # At K = 1 IWAE trains exactly as the ELBO does, and DReG as STL: the same curves.
+    for a, b in (("iwae", "trace"), ("dreg", "stl")):
+        for row_a, row_b in zip(curves[a], curves[b]):
+            for key in ("step", "test_elbo", "test_iwae", "train_objective"):
+                assert row_a[key] == pytest.approx(row_b[key], rel=1e-5), (a, key)
+        ll = result["log_likelihood"][a]
+        assert abs(ll["difference"] - result["log_likelihood"][b]["difference"]) < 1e-3
+    # The differences are paired over the test points: iwae's from trace's is zero to rounding.
+    iwae = result["log_likelihood"]["iwae"]
+    assert iwae["difference_stderr"] < 1e-4 < iwae["stderr"]
+    first = result["log_likelihood"]["trace"]
+    assert first["difference"] == 0 and first["stderr"] > 0
+
+
+def test_training_race_gives_every_objective_the_same_wall_clock_budget(run_dir, digits):
     config = load_run(run_dir).config
     start = time.perf_counter()
-    result = compare_training(config, digits, num_epochs=1, seed=5, eval_x=digits.test_x[:50])
-    seconds = time.perf_counter() - start
-    mc, an = result["curves"]["monte_carlo"], result["curves"]["analytic_kl"]
-    assert len(mc) == len(an) == 2
-    assert mc[0] == an[0]  # same initial model, same scores
-    assert mc[-1]["step"] == an[-1]["step"] == 24
-    assert 0 < mc[-1]["seconds"] and mc[-1]["seconds"] + an[-1]["seconds"] <= seconds
-    assert result["score"] in mc[-1]
-    for rows in (mc, an):
-        # One epoch (24 steps) takes the model from worse than coin flips (-45.1 nats) past
-        # them (about -42.8 averaged over the epoch), and the scored test ELBO up by about 5.5
-        # nats (one draw on 50 points, noise about 0.5 nats): the trained model is scored.
-        assert rows[-1]["train_elbo"] > COIN_FLIPS
-        assert rows[-1][result["score"]] > rows[0][result["score"]] + 2
+    result = race(config, digits, seconds=0.4, objectives=("meanfield", "dreg"), num_particles=2)
+    elapsed = time.perf_counter() - start
+    for rows in result["curves"].values():
+        assert rows[-1]["step"] > 0 and rows[-1]["seconds"] >= 0.4
+        assert [r["seconds"] for r in rows] == sorted(r["seconds"] for r in rows)
+        assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
+    assert sum(rows[-1]["seconds"] for rows in result["curves"].values()) <= elapsed
+
+
+def test_a_diverging_objective_ends_its_own_curve_and_not_the_race(run_dir, digits, monkeypatch):
+    import pyro_vae.compare
+
+    def train_epoch(vae, optimizer, x, config, epoch, step, stop):
+        if config.elbo == "trace" and epoch == 2:
+            raise FloatingPointError(f"the loss became nan at epoch {epoch}, step {step + 1}")
+        return train(vae, optimizer, x, config, epoch, step, stop)
+
+    train = pyro_vae.compare.train_epoch
+    monkeypatch.setattr(pyro_vae.compare, "train_epoch", train_epoch)
+    config = load_run(run_dir).config
+    result = race(config, digits, seconds=600, max_steps=48, objectives=("trace", "dreg"))
+    trace, dreg = result["curves"]["trace"], result["curves"]["dreg"]
+    assert [r["epoch"] for r in trace] == [0, 1] and [r["epoch"] for r in dreg] == [0, 1, 2]
+    lines = result["log_likelihood"]
+    assert lines["trace"] == {"diverged": "the loss became nan at epoch 2, step 25"}
+    assert lines["dreg"]["difference"] == 0 and math.isfinite(lines["dreg"]["mean"])
+
+
+def test_an_objective_the_model_cannot_run_is_refused_before_any_study():
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Bernoulli(pyro.sample("z", dist.Bernoulli(0.5))), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Bernoulli(0.3))
+
+    vae = types.SimpleNamespace(model=model, guide=guide)
+    x = torch.ones(4)
+    _check_objectives(vae, x, ("trace",))  # score-function gradients: fine
+    match = r"objective 'stl' cannot run on this model: guide site 'z' \(Bernoulli\) has no rsample"
+    with pytest.raises(ValueError, match=match + ".*; leave it out of objectives$"):
+        _check_objectives(vae, x, ("trace", "stl", "iwae"))
 
 
 def test_no_analytic_kl_is_said_plainly_and_the_estimators_coincide(mixture_run_dir):
-    result = compare_run(mixture_run_dir, num_draws=5, num_points=30, batch_size=16, train_epochs=0)
+    small = {"num_points": 30, "batch_size": 16, "particles": (1,), "train_seconds": 0}
+    result = compare_run(mixture_run_dir, num_draws=5, **small)
     assert not result.analytic_kl_available
     assert "no analytic KL" in result.note and "MixtureOfGaussians" in result.note
     assert result.training is None
@@ -141,22 +261,30 @@ def test_no_analytic_kl_is_said_plainly_and_the_estimators_coincide(mixture_run_
 
 def test_cli_compare_writes_json_markdown_and_figures(run_dir, capsys):
     argv = ["compare", str(run_dir), "--draws", "5", "--num-points", "30", "--batch-size", "16"]
-    assert main([*argv, "--train-epochs", "1"]) == 0
+    argv += ["--objectives", "trace", "dreg", "--particles", "1", "2", "--num-samples", "30"]
+    assert main([*argv, "--train-seconds", "0.2", "--train-particles", "2"]) == 0
     out = capsys.readouterr().out
     assert "| Monte Carlo KL |" in out and "comparison.json" in out
     result = json.loads((run_dir / "comparison.json").read_text())
     assert result["settings"]["num_draws"] == 5 and result["settings"]["num_points"] == 30
+    grid = [(r["objective"], r["num_particles"]) for r in result["objective_gradients"]["rows"]]
+    assert grid == [("trace", 1), ("trace", 2), ("dreg", 1), ("dreg", 2)]
+    assert list(result["training"]["curves"]) == ["trace", "dreg"]
+    assert result["training"]["num_particles"] == 2 and result["training"]["seconds"] == 0.2
+    assert result["training"]["num_samples"] == 30
     markdown = (run_dir / "comparison.md").read_text()
     assert "pyro-vae compare" in markdown and "--draws 5" in markdown
     assert "does not reduce the gradient variance of the decoder" in markdown
-    for name in ("comparison_curves.png", "comparison_std_ratio.png"):
+    assert "| dreg | 2 |" in markdown and "| trace |" in markdown and "reference |" in markdown
+    for name in ("comparison_curves.png", "comparison_std_ratio.png", "comparison_snr.png"):
         assert (run_dir / name).read_bytes()[:4] == b"\x89PNG"
     assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_compare_run_returns_a_comparison_whose_dict_is_comparison_json(run_dir):
     state = torch.get_rng_state()
-    result = compare_run(run_dir, num_draws=3, num_points=10, batch_size=8, train_epochs=0)
+    small = {"num_points": 10, "batch_size": 8, "particles": (1, 2), "train_seconds": 0}
+    result = compare_run(run_dir, num_draws=3, **small)
     assert torch.equal(torch.get_rng_state(), state)
     assert isinstance(result, Comparison) and result.analytic_kl_available
     assert result.note is None and result.run_dir == str(run_dir)
@@ -169,29 +297,50 @@ def test_compare_run_returns_a_comparison_whose_dict_is_comparison_json(run_dir)
         "settings",
         "elbo_variance",
         "gradient_variance",
+        "objective_gradients",
         "training",
     ]
     assert data["settings"] == {
         "num_draws": 3,
         "num_points": 10,
         "batch_size": 8,
-        "train_epochs": 0,
+        "objectives": list(OBJECTIVES),
+        "particles": [1, 2],
+        "train_seconds": 0.0,
+        "train_particles": 5,
+        "num_samples": 5000,
         "seed": 0,
     }
+    assert len(data["objective_gradients"]["rows"]) == 2 * len(OBJECTIVES)
     assert Comparison(**data) == result
-    again = compare_run(run_dir, num_draws=3, num_points=10, batch_size=8, train_epochs=0)
+    again = compare_run(run_dir, num_draws=3, **small)
     assert again.elbo_variance == result.elbo_variance
     assert again.gradient_variance == result.gradient_variance
+    assert again.objective_gradients == result.objective_gradients
 
 
 def test_bad_arguments_errors(run_dir, capsys):
     with pytest.raises(ValueError, match="num_draws must be an integer >= 2, got 1"):
         compare_run(run_dir, num_draws=1)
-    with pytest.raises(ValueError, match="train_epochs must be a non-negative integer, got -1"):
-        compare_run(run_dir, train_epochs=-1)
+    match = "train_seconds must be 0 or a positive finite number, got -1"
+    with pytest.raises(ValueError, match=match):
+        compare_run(run_dir, train_seconds=-1)
+    with pytest.raises(ValueError, match="particles must be a positive integer, got 0"):
+        compare_run(run_dir, particles=(1, 0))
+    with pytest.raises(ValueError, match="unknown objective 'renyi'; choose one of"):
+        compare_run(run_dir, objectives=("trace", "renyi"))
+    for bad in ((), "trace", ("iwae", "iwae")):
+        match = f"objectives must be a non-empty sequence without repeats, got {bad!r}"
+        with pytest.raises(ValueError, match=re.escape(match)):
+            compare_run(run_dir, objectives=bad)
+    with pytest.raises(ValueError, match="train_particles must be a positive integer, got 0"):
+        compare_run(run_dir, train_particles=0)
     assert main(["compare", str(run_dir), "--draws", "1"]) == 2
     err = capsys.readouterr().err
     assert "--draws must be at least 2" in err and len(err.strip().splitlines()) == 1
-    with pytest.raises(SystemExit) as exit_info:
-        main(["compare", str(run_dir), "--num-points", "0"])
-    assert exit_info.value.code == 2
+    for flag, value in (("--num-points", "0"), ("--train-seconds", "-1"), ("--particles", "0")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["compare", str(run_dir), flag, value])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: expected" in err and len(err.strip().splitlines()) == 1

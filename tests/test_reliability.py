@@ -120,7 +120,7 @@ def test_unknown_device_is_a_usage_error(command, capsys):
         (["compare", "RUN", "--draws", "0"], "--draws", "0"),
         (["compare", "RUN", "--num-points", "-1"], "--num-points", "-1"),
         (["compare", "RUN", "--batch-size", "0"], "--batch-size", "0"),
-        (["compare", "RUN", "--train-epochs", "-1"], "--train-epochs", "-1"),
+        (["compare", "RUN", "--train-seconds", "-1"], "--train-seconds", "-1"),
         (["compare", "RUN", "--seed", "nan"], "--seed", "nan"),
     ],
 )
@@ -661,7 +661,7 @@ def mnist_mirror(tmp_path_factory):
 READ_RUN_DATA_ARGV = {
     "train --resume": ["train", "--resume", "RUN", "--epochs", "3"],
     "evaluate": ["evaluate", "RUN", "--num-samples", "2", "--limit", "2"],
-    "compare": ["compare", "RUN", "--draws", "2", "--num-points", "2", "--train-epochs", "0"],
+    "compare": ["compare", "RUN", "--draws", "2", "--num-points", "2", "--train-seconds", "0"],
 }
 
 

@@ -9,6 +9,7 @@ from pyro_vae.report import (
     COMPARISON_MARKDOWN,
     CURVES_FIGURE,
     EVALUATION_FILE,
+    SNR_FIGURE,
     STD_RATIO_FIGURE,
     comparison_figures,
     dumps_json,
@@ -67,7 +68,7 @@ def comparison(training: bool = True, std_ratio: float = 1.5, note: str | None =
         "std_ratio_quantiles": {"50%": std_ratio},
         "std_ratios": [std_ratio, None, 2.0],
     }
-    group = {"mean_norm": 1.0, "total_variance": 2.0, "snr": 0.7}
+    group = {"mean_norm": 1.0, "total_variance": 2.0, "snr": 0.7, "median_snr": 0.4}
     gradient_variance = {
         "batch_size": 8,
         "num_draws": 5,
@@ -77,10 +78,17 @@ def comparison(training: bool = True, std_ratio: float = 1.5, note: str | None =
         "variance_ratio": {"decoder": 1.0, "encoder": 2.0},
         "snr_ratio": {"decoder": 1.0, "encoder": 0.7},
     }
-    rows = [{"epoch": 0, "step": 0, "seconds": 0.0, "test_elbo_analytic_kl": -40.0}]
-    rows.append({"epoch": 1, "step": 8, "seconds": 0.5, "test_elbo_analytic_kl": -35.0})
-    curves = {"num_epochs": 1, "score": "test_elbo_analytic_kl", "curves": {}}
-    curves["curves"] = {"monte_carlo": rows, "analytic_kl": rows}
+    grid = {key: gradient_variance[key] for key in ("batch_size", "num_draws", "groups")}
+    grid["rows"] = [
+        {"objective": name, "num_particles": k, "decoder": group, "encoder": {**group, "snr": snr}}
+        for name, k, snr in (("trace", 1, 0.5), ("trace", 5, 1.0), ("dreg", 5, 2.0))
+    ]
+    rows = [{"epoch": 0, "step": 0, "seconds": 0.0, "test_elbo": -41.0, "test_iwae": -40.0}]
+    rows.append({"epoch": 1, "step": 8, "seconds": 0.5, "test_elbo": -36.0, "test_iwae": -35.0})
+    ll = {"mean": -34.5, "stderr": 1.5, "difference": 0.0, "difference_stderr": 0.0}
+    curves = {"seconds": 0.5, "num_particles": 5, "score": "test_iwae", "score_samples": 100}
+    curves |= {"num_samples": 5000, "curves": {"trace": rows, "dreg": rows[:1]}}
+    curves["log_likelihood"] = {"trace": ll, "dreg": {**ll, "difference": -5.5}}
     return Comparison(
         run_dir="runs/r",
         model={"dataset": "digits", "prior": "normal", "guide": "diagonal", "latent_dim": 2},
@@ -89,6 +97,7 @@ def comparison(training: bool = True, std_ratio: float = 1.5, note: str | None =
         settings={"num_draws": 5},
         elbo_variance=elbo_variance,
         gradient_variance=gradient_variance,
+        objective_gradients=grid,
         training=curves if training else None,
     )
 
@@ -148,19 +157,38 @@ def test_format_evaluation_is_an_aligned_table():
 def test_format_comparison_markdown_has_the_tables_and_the_command():
     markdown = format_comparison_markdown(comparison(), "pyro-vae compare runs/r --draws 5")
     lines = markdown.splitlines()
-    assert lines[0] == (
-        "### Monte Carlo vs analytic KL: digits, prior normal, guide diagonal, latent dim 2"
-    )
+    assert lines[0] == "### Estimator study: digits, prior normal, guide diagonal, latent dim 2"
     assert lines[2:5] == ["```bash", "pyro-vae compare runs/r --draws 5", "```"]
     assert "| Monte Carlo KL | -30.000 | 3.000 | 2.000 |" in lines
     assert "| decoder (10) | analytic KL | 1 | 2 | 0.7 |" in lines
     assert "Gradient variance ratio Monte Carlo / analytic: decoder 1, encoder 2." in lines
     assert "does not reduce the gradient variance of the decoder parameters" in markdown
     assert "encoder parameters" not in markdown  # its ratio is 2: the analytic KL helps there
-    assert "| Monte Carlo KL | -35.000 | 8 | 0.50 |" in lines
-    assert f"![test ELBO against steps and seconds]({CURVES_FIGURE})" in lines
+    assert "| objective | K | decoder SNR | decoder total variance | encoder SNR |" in markdown
+    assert "| dreg | 5 | 0.7 (0.4) | 2 | 2 (0.4) | 2 |" in lines
+    assert f"![gradient SNR against K]({SNR_FIGURE})" in lines
+    assert "for 0.5 s of training each, K = 5 for every objective" in markdown
+    assert "| trace | 8 | 0.5 | -36.00 | -35.00 | -34.50 ± 1.5 | reference |" in lines
+    assert "| dreg | 0 | 0.0 | -41.00 | -40.00 | -34.50 ± 1.5 | -5.50 ± 0 |" in lines
+    assert f"![test IWAE bound against steps and seconds]({CURVES_FIGURE})" in lines
     assert "Monte Carlo estimator has the lower variance" not in markdown
     assert markdown.endswith("\n") and not markdown.endswith("\n\n")
+
+
+def test_format_comparison_markdown_reads_back_json_nulls_and_divergence():
+    result = comparison()
+    result.objective_gradients["rows"][0]["decoder"] = dict.fromkeys(
+        ("mean_norm", "total_variance", "snr", "median_snr")
+    )
+    result.training["curves"]["trace"][-1]["test_iwae"] = None
+    result.training["log_likelihood"]["dreg"] = {"diverged": "the loss became nan at epoch 1"}
+    lines = format_comparison_markdown(result).splitlines()
+    assert "| trace | 1 | n/a (n/a) | n/a | 0.5 (0.4) | 2 |" in lines
+    assert "| trace | 8 | 0.5 | -36.00 | - | -34.50 ± 1.5 | reference |" in lines
+    assert (
+        "| dreg | 0 | 0.0 | -41.00 | -40.00 | diverged: the loss became nan at epoch 1 |  |"
+        in lines
+    )
 
 
 def test_format_comparison_markdown_says_what_the_numbers_mean():
@@ -172,14 +200,21 @@ def test_format_comparison_markdown_says_what_the_numbers_mean():
 
 
 def test_comparison_figures_skip_the_curves_without_training():
-    assert set(comparison_figures(comparison())) == {CURVES_FIGURE, STD_RATIO_FIGURE}
-    assert set(comparison_figures(comparison(training=False))) == {STD_RATIO_FIGURE}
+    figures = {CURVES_FIGURE, SNR_FIGURE, STD_RATIO_FIGURE}
+    assert set(comparison_figures(comparison())) == figures
+    assert set(comparison_figures(comparison(training=False))) == {SNR_FIGURE, STD_RATIO_FIGURE}
 
 
 def test_write_comparison_writes_json_markdown_and_figures(tmp_path):
     paths = write_comparison(tmp_path, comparison(), "pyro-vae compare X")
     names = [p.name for p in paths]
-    assert names == [COMPARISON_FILE, COMPARISON_MARKDOWN, CURVES_FIGURE, STD_RATIO_FIGURE]
+    assert names == [
+        COMPARISON_FILE,
+        COMPARISON_MARKDOWN,
+        CURVES_FIGURE,
+        SNR_FIGURE,
+        STD_RATIO_FIGURE,
+    ]
     assert json.loads((tmp_path / COMPARISON_FILE).read_text()) == comparison().as_dict()
     assert "pyro-vae compare X" in (tmp_path / COMPARISON_MARKDOWN).read_text()
     for path in paths[2:]:
@@ -192,6 +227,12 @@ def mixture_run_dir(tmp_path_factory, train_tiny_run):
 
 
 def test_write_comparison_without_training_skips_the_curves(mixture_run_dir, tmp_path):
-    result = compare_run(mixture_run_dir, num_draws=3, num_points=10, batch_size=8, train_epochs=0)
+    small = {"num_points": 10, "batch_size": 8, "particles": (1,), "train_seconds": 0}
+    result = compare_run(mixture_run_dir, num_draws=3, **small)
     names = {p.name for p in write_comparison(tmp_path, result)}
-    assert names == {"comparison.json", "comparison.md", "comparison_std_ratio.png"}
+    assert names == {
+        "comparison.json",
+        "comparison.md",
+        "comparison_snr.png",
+        "comparison_std_ratio.png",
+    }
