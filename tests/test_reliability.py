@@ -128,7 +128,7 @@ def test_non_positive_or_non_finite_numbers_are_usage_errors(args, flag, value, 
     err = usage_error(capsys, args)
     expected = (
         r"expected (a (positive|non-negative) (integer|finite number)|an integer in "
-        r"\[0, 2\*\*32 - 1\]), got "
+        r"\[0, 2\*\*32 - 1\]|0 or a positive finite number), got "
     )
     assert re.search(f"argument {flag}: {expected}'{re.escape(value)}'", err), err
 
