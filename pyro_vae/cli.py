@@ -29,7 +29,15 @@ from pyro_vae.flags import (
     seed_value,
 )
 from pyro_vae.plots import plot_images
-from pyro_vae.runs import RunFolderError, RunInterrupted, holds_run, load_run, resume_run, train_run
+from pyro_vae.runs import (
+    CHECKPOINTS,
+    RunFolderError,
+    RunInterrupted,
+    holds_run,
+    load_run,
+    resume_run,
+    train_run,
+)
 
 #: The part options of a config, and the repeatable flags that set them.
 OPTION_FLAGS = {f"{kind}_kwargs": f"{kind}-option" for kind in ("prior", "likelihood", "guide")}
@@ -52,10 +60,14 @@ class UsageError(ValueError):
 
 
 #: The argparse type of each flag made from a Config field (the choices come from CHOICES).
-FLAG_TYPES = {"warmup_epochs": non_negative_int, "seed": seed_value, "device": device_name}
-FLAG_TYPES |= dict.fromkeys(["lr", "clip_norm", "beta"], positive_float)
-FLAG_TYPES |= dict.fromkeys(["latent_dim", "hidden_dims", "num_particles"], positive_int)
-FLAG_TYPES |= dict.fromkeys(["epochs", "batch_size"], positive_int)
+FLAG_TYPES = {"seed": seed_value, "validation_seed": seed_value, "device": device_name}
+FLAG_TYPES |= {"adam_betas": non_negative_float}  # in [0, 1), as Config checks
+FLAG_NAMES = {
+    non_negative_int: "warmup_epochs validation_size plateau_patience",
+    positive_float: "lr clip_norm beta adam_eps lr_decay plateau_factor",
+    positive_int: "latent_dim hidden_dims num_particles patience epochs batch_size",
+}
+FLAG_TYPES |= {name: kind for kind, names in FLAG_NAMES.items() for name in names.split()}
 
 
 def as_flag(name: str) -> str:
@@ -153,7 +165,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    run = load_run(args.run_dir, device=resolve_device(args.device))
+    checkpoint = vars(args).get("checkpoint")  # unset: best.pt if the run has one
+    run = load_run(args.run_dir, resolve_device(args.device), checkpoint=checkpoint)
+    print(f"model of {run.checkpoint_file} (epoch {run.checkpoint['epoch']})")
     pyro.set_rng_seed(args.seed)
     out = Path(args.out) if getattr(args, "out", None) else run.path / "sample_grid.png"
     title = f"{args.num} prior samples"
@@ -164,8 +178,10 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    options = {name: getattr(args, name) for name in ("split", "limit", "data_dir", "device")}
+    names = ("split", "limit", "data_dir", "device", "checkpoint")
+    options = {name: getattr(args, name, None) for name in names}
     result = evaluate_run(args.run_dir, num_samples=args.num_samples, seed=args.seed, **options)
+    print(f"model of {result.model['checkpoint']} (epoch {result.model['epochs']})")
     name = report.evaluation_file(args.split, args.limit)
     path = report.write_evaluation(args.run_dir, result, name)
     print(report.format_evaluation(result))
@@ -196,6 +212,10 @@ def run_folder_flags(data: bool = True) -> ArgumentParser:
     p.add_argument("--seed", type=seed_value, default=0, help="random seed")
     if data:
         p.add_argument("--data-dir", default=None, help="overrides the data folder of the run")
+    help = "best.pt (highest valid_elbo) or checkpoint.pt (last epoch) (default: best if any)"
+    p.add_argument(
+        "--checkpoint", choices=sorted(CHECKPOINTS), default=argparse.SUPPRESS, help=help
+    )
     p.add_argument("--debug", **DEBUG)
     return p
 

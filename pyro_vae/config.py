@@ -9,6 +9,7 @@ training starts.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 
 from pyro_vae.checks import check_choice, check_int, check_positive
@@ -19,6 +20,7 @@ from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.networks import ACTIVATIONS
 from pyro_vae.objectives import ELBOS
 from pyro_vae.priors import PRIORS
+from pyro_vae.schedules import LR_SCHEDULES, NEEDS_VALIDATION
 
 #: Bumped when a saved run can no longer be read by this version of the code.
 FORMAT_VERSION = 1
@@ -41,6 +43,7 @@ CHOICES = {
     "guide": GUIDES,
     "elbo": ELBOS,
     "validation": VALIDATIONS,
+    "lr_schedule": LR_SCHEDULES,
 }
 
 #: The parts, whose field may also hold the import path of an unregistered class.
@@ -91,6 +94,21 @@ class Config:
     )
     num_particles: int = _setting(1, "samples of z per datapoint and step (vectorized)")
     lr: float = _setting(1e-3, "Adam learning rate")
+    adam_betas: list[float] = _setting([0.9, 0.999], "Adam's two averaging coefficients")
+    adam_eps: float = _setting(1e-8, "Adam's term added to the denominator")
+    lr_schedule: str = _setting(
+        "constant",
+        "learning rate by epoch: constant, iwae = 3**i epochs at lr*10**(-i/7) for i = 0..7, "
+        "exponential = lr*lr_decay**(epoch-1), plateau = times plateau_factor when valid_elbo "
+        "has not risen for plateau_patience epochs (docs/runs.md)",
+    )
+    lr_decay: float = _setting(0.99, "factor on the learning rate per epoch, for exponential")
+    plateau_factor: float = _setting(
+        0.1, "factor on the learning rate when valid_elbo stalls, for plateau"
+    )
+    plateau_patience: int = _setting(
+        10, "epochs without a higher valid_elbo before plateau lowers the learning rate"
+    )
     clip_norm: float | None = _setting(
         None, "clip the gradient norm to this value (default: no clipping)"
     )
@@ -99,6 +117,14 @@ class Config:
     beta: float = _setting(1.0, "weight of the KL term")
     warmup_epochs: int = _setting(0, "epochs of linear KL warm-up from 0 to beta")
     seed: int = _setting(0, "random seed (same seed on CPU, same numbers)")
+    validation_size: int = _setting(
+        0, "training images held out to measure valid_elbo (0: no validation split)"
+    )
+    validation_seed: int = _setting(0, "seed of the choice of the held-out images")
+    patience: int | None = _setting(
+        None,
+        "stop when valid_elbo has not risen for this many epochs (default: no early stopping)",
+    )
     device: str = _setting("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     validation: str = _setting(
         "first_step",
@@ -115,7 +141,7 @@ class Config:
 
     def __post_init__(self) -> None:
         # Sequences are stored as lists, as config.json reads them back.
-        for name in ("hidden_dims", "image_shape"):
+        for name in ("hidden_dims", "image_shape", "adam_betas"):
             value = getattr(self, name)
             if isinstance(value, tuple | range):
                 object.__setattr__(self, name, list(value))
@@ -137,6 +163,8 @@ class Config:
         if self.clip_norm is not None:
             check_positive("clip_norm", self.clip_norm)
         self._check_names()
+        self._check_optimizer()
+        self._check_validation()
         self._check_data_shape()
         _check_format_version(self.format_version)
 
@@ -164,6 +192,36 @@ class Config:
         check_device_name(self.device)
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             raise ValueError(f"data_dir must be a path string or None, got {self.data_dir!r}")
+
+    def _check_optimizer(self) -> None:
+        betas = self.adam_betas
+        if not (isinstance(betas, list) and len(betas) == 2 and all(map(_is_fraction, betas))):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {betas!r}")
+        check_positive("adam_eps", self.adam_eps)
+        check_positive("lr_decay", self.lr_decay)
+        if self.lr_decay > 1:
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay!r}")
+        if not (_is_fraction(self.plateau_factor) and self.plateau_factor > 0):
+            raise ValueError(f"plateau_factor must be in (0, 1), got {self.plateau_factor!r}")
+        check_int("plateau_patience", self.plateau_patience, minimum=0)
+
+    def _check_validation(self) -> None:
+        check_int("validation_size", self.validation_size, minimum=0)
+        check_int("validation_seed", self.validation_seed, minimum=0, maximum=2**32 - 1)
+        if self.patience is not None:
+            check_int("patience", self.patience)
+        if self.validation_size > 0:
+            return
+        if self.patience is not None:
+            raise ValueError(
+                f"patience {self.patience} stops on valid_elbo, which needs a validation split; "
+                "set config.validation_size to a positive number of images"
+            )
+        if self.lr_schedule in NEEDS_VALIDATION:
+            raise ValueError(
+                f"lr_schedule {self.lr_schedule!r} steps on valid_elbo, which needs a validation "
+                "split; set config.validation_size to a positive number of images"
+            )
 
     def _check_data_shape(self) -> None:
         if self.data_dim is not None and not _all_positive_ints([self.data_dim]):
@@ -213,6 +271,11 @@ def _all_positive_ints(values: list) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _is_fraction(value: object) -> bool:
+    """Whether ``value`` is a real number (not a bool) in [0, 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < 1
 
 
 def _check_int_list(name: str, values: object) -> None:

@@ -22,6 +22,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -49,6 +50,8 @@ _TEST_BINARIZATION_SEED = 0
 _TRAIN_BINARIZATION_SEED = 1
 #: Seed of the one-off binarization of a dynamically binarized training split for evaluation.
 TRAIN_EVALUATION_SEED = 2
+#: Seed of the one-off binarization of the validation images of a dynamically binarized data set.
+VALIDATION_BINARIZATION_SEED = 3
 _DIGITS_SPLIT_SEED = 0
 _DIGITS_NUM_TEST = 300
 
@@ -204,6 +207,51 @@ def select_split(dataset: Dataset, split: str) -> Tensor:
     if dataset.binarize == "dynamic":
         x = _binarize_with_seed(x.cpu(), TRAIN_EVALUATION_SEED).to(x.device)
     return x
+
+
+def validation_rows(num_rows: int, size: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Which rows of a training split stay for training and which ``size`` are held out.
+
+    The rows are drawn by a random permutation from a private generator seeded with ``seed``
+    (on the CPU, never the global RNG), so the same ``size`` and ``seed`` hold out the same rows
+    in every run.
+
+    :param int num_rows: rows of the training split.
+    :param int size: rows to hold out, from 0 to ``num_rows - 1``.
+    :param int seed: seed of the draw.
+    :returns: the training rows and the held-out rows, each sorted (CPU ``long`` tensors).
+    :raises ValueError: if ``size`` is not an integer in ``[0, num_rows - 1]``.
+
+    >>> train, valid = validation_rows(10, 3, seed=0)
+    >>> len(train), len(valid)
+    (7, 3)
+    """
+    check_int("validation_size", size, minimum=0, maximum=num_rows - 1)
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
+    return order[size:].sort().values, order[:size].sort().values
+
+
+def split_validation(dataset: Dataset, size: int, seed: int = 0) -> tuple[Dataset, Tensor | None]:
+    """Hold out ``size`` training images (see :func:`validation_rows`) as a validation set.
+
+    The held-out images are evaluated like the test images: a dynamically binarized data set
+    binarizes them once, with the fixed seed :data:`VALIDATION_BINARIZATION_SEED`.
+
+    :param Dataset dataset: from :func:`load_dataset`.
+    :param int size: images to hold out; 0 returns ``dataset`` itself and ``None``.
+    :param int seed: seed of the choice of images.
+    :returns: the data set without the held-out images, and the ``(size, data_dim)``
+        held-out images (on the data set's device).
+    """
+    if size == 0:
+        return dataset, None
+    train_rows, valid_rows = validation_rows(dataset.train_x.shape[0], size, seed)
+    x, y = dataset.train_x, dataset.train_y
+    valid_x = x[valid_rows.to(x.device)]
+    if dataset.binarize == "dynamic":
+        valid_x = _binarize_with_seed(valid_x.cpu(), VALIDATION_BINARIZATION_SEED).to(x.device)
+    rows = train_rows.to(x.device)
+    return dataclasses.replace(dataset, train_x=x[rows], train_y=y[rows.to(y.device)]), valid_x
 
 
 def iterate_batches(

@@ -119,6 +119,7 @@ def evaluate_run(
     seed: int = 0,
     limit: int | None = None,
     num_elbo_particles: int = 10,
+    checkpoint: str | None = None,
 ) -> Evaluation:
     """Evaluate a trained run on one split of its data set (see :func:`evaluate_vae`).
 
@@ -133,8 +134,11 @@ def evaluate_run(
     :param int seed: seed of the random draws; the same seed gives the same numbers.
     :param int limit: evaluate only the first ``limit`` datapoints.
     :param int num_elbo_particles: draws per datapoint of each ELBO estimator.
+    :param str checkpoint: for a run folder, the checkpoint to evaluate, as for
+        :func:`~pyro_vae.runs.load_run`: ``"best"``, ``"last"`` or ``None``, the best when the
+        run has one (``best.pt``), else the last.
     :returns: the :class:`Evaluation`, with the run's path, data set, split, binarization and
-        model description.
+        model description (with the epoch and file of the checkpoint evaluated).
 
     >>> result = evaluate_run("runs/mnist", num_samples=5000)  # doctest: +SKIP
     >>> print(format_evaluation(result))  # doctest: +SKIP
@@ -142,7 +146,7 @@ def evaluate_run(
     check_choice("split", split, SPLITS)
     if limit is not None:
         check_int("limit", limit)
-    run = as_run(run, device)
+    run = as_run(run, device, checkpoint)
     parameter = next(run.vae.parameters())
     if x is None:
         x = load_run_dataset(run.config, data_dir, likelihood=run.vae.likelihood)
@@ -158,12 +162,19 @@ def evaluate_run(
         dataset=run.config.dataset,
         split=split,
         binarize=resolve_binarize(run.config.binarize, run.vae.likelihood),
-        model={**model_summary(run.config), "epochs": run.checkpoint.get("epoch")},
+        model={
+            **model_summary(run.config),
+            "epochs": run.checkpoint.get("epoch"),
+            "checkpoint": run.checkpoint_file,
+        },
     )
 
 
-def as_run(run: Run | str | Path, device: str | torch.device | None = None) -> Run:
-    """``run`` itself (moved to ``device`` if given) or the run loaded from that folder.
+def as_run(
+    run: Run | str | Path, device: str | torch.device | None = None, checkpoint: str | None = None
+) -> Run:
+    """``run`` itself (moved to ``device`` if given) or the run loaded from that folder, from
+    its ``checkpoint`` (see :func:`~pyro_vae.runs.load_run`).
 
     Loading builds the model, whose initialisation draws from the global torch RNG; the RNG is
     restored afterwards, so evaluating never shifts the random numbers of the caller.
@@ -173,7 +184,7 @@ def as_run(run: Run | str | Path, device: str | torch.device | None = None) -> R
             run.vae.to(resolve_device(device))
         return run
     with fork_rng():
-        return load_run(run, device=resolve_device(device or "cpu"))
+        return load_run(run, device=resolve_device(device or "cpu"), checkpoint=checkpoint)
 
 
 def evaluate_vae(

@@ -2,7 +2,9 @@
 
 :func:`train_run` and :func:`resume_run` are what ``pyro-vae train`` and
 ``pyro-vae train --resume`` do, callable from Python; :func:`load_run` reads a run back.
-A run folder holds ``config.json``, ``metrics.csv``, ``checkpoint.pt`` and figures. Every file
+A run folder holds ``config.json``, ``metrics.csv``, ``checkpoint.pt`` (the last epoch, for
+resuming), ``best.pt`` (the epoch with the highest ``valid_elbo``, in a run with a validation
+split) and figures. Every file
 is written atomically (a temporary file in the same folder, then a rename), so a run killed at
 any moment keeps its last good copy of each. Checkpoints hold only tensors and plain
 containers and are read with ``torch.load(..., weights_only=True)``: loading one never runs
@@ -27,6 +29,7 @@ from pathlib import Path
 import pyro
 import torch
 
+from pyro_vae.checks import check_choice
 from pyro_vae.config import FORMAT_VERSION, Config
 from pyro_vae.data import Dataset, load_dataset, resolve_binarize
 from pyro_vae.describe import build_vae, check_buildable, describe_model
@@ -38,6 +41,10 @@ from pyro_vae.vae import VAE
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
 CHECKPOINT_FILE = "checkpoint.pt"
+#: The checkpoint of the epoch with the highest ``valid_elbo`` (runs with a validation split).
+BEST_FILE = "best.pt"
+#: The checkpoints :func:`load_run` reads, by name.
+CHECKPOINTS = {"best": BEST_FILE, "last": CHECKPOINT_FILE}
 
 #: ``on_train_start(vae, config, start_epoch)``: called once the model is built and checked.
 TrainStartHook = Callable[[VAE, Config, int], None]
@@ -163,9 +170,17 @@ def save_checkpoint(
     config: Config,
     epoch: int,
     step: int,
+    schedules: dict | None = None,
+    name: str = CHECKPOINT_FILE,
 ) -> None:
-    """Save model, optimizer, config, epoch counter and RNG state to ``checkpoint.pt``."""
+    """Save model, optimizer, config, epoch counter and RNG state to ``checkpoint.pt``.
+
+    :param dict schedules: more state to save (plain containers): the learning-rate scheduler
+        and early stopping, under their own keys.
+    :param str name: the file in ``run_dir``, :data:`CHECKPOINT_FILE` or :data:`BEST_FILE`.
+    """
     state = {
+        **(schedules or {}),
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
         "epoch": epoch,
@@ -176,7 +191,7 @@ def save_checkpoint(
     }
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(Path(run_dir) / CHECKPOINT_FILE, buf.getvalue())
+    atomic_write_bytes(Path(run_dir) / name, buf.getvalue())
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -221,13 +236,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 @dataclass
 class Run:
-    """A trained run: its folder, completed config, model, checkpoint and metrics rows."""
+    """A trained run: its folder, completed config, model, checkpoint and metrics rows, and
+    which checkpoint file the model was read from."""
 
     path: Path
     config: Config
     vae: VAE
     checkpoint: dict
     metrics: list[dict] = field(default_factory=list)
+    #: The file in ``path`` that ``checkpoint`` was read from.
+    checkpoint_file: str = CHECKPOINT_FILE
 
 
 def load_model_state(
@@ -242,8 +260,30 @@ def load_model_state(
         raise ValueError(f"the checkpoint does not fit {described}: {first}{hint}") from e
 
 
+def checkpoint_file(run_dir: str | Path, checkpoint: str | None = None) -> str:
+    """The checkpoint file of a run folder that ``checkpoint`` names: ``"best"``
+    (:data:`BEST_FILE`), ``"last"`` (:data:`CHECKPOINT_FILE`), or ``None`` for the best one
+    when the run has one, else the last.
+
+    :raises ValueError: if ``checkpoint`` is another name.
+    :raises FileNotFoundError: for ``"best"`` in a run without a validation split.
+    """
+    if checkpoint is None:
+        return BEST_FILE if (Path(run_dir) / BEST_FILE).is_file() else CHECKPOINT_FILE
+    check_choice("checkpoint", checkpoint, CHECKPOINTS)
+    if checkpoint == "best" and not (Path(run_dir) / BEST_FILE).is_file():
+        raise FileNotFoundError(
+            f"{run_dir} has no {BEST_FILE}: it was trained without a validation split "
+            "(config.validation_size 0); load checkpoint 'last'"
+        )
+    return CHECKPOINTS[checkpoint]
+
+
 def load_run(
-    run_dir: str | Path, device: str | torch.device = "cpu", vae: VAE | None = None
+    run_dir: str | Path,
+    device: str | torch.device = "cpu",
+    vae: VAE | None = None,
+    checkpoint: str | None = None,
 ) -> Run:
     """Rebuild the VAE of a run folder from its checkpoint.
 
@@ -257,6 +297,9 @@ def load_run(
         ``pyro-vae train``.
     :param device: where to put the model.
     :param VAE vae: the untrained model to load the weights into, instead of building one.
+    :param str checkpoint: ``"best"`` (``best.pt``, the epoch with the highest ``valid_elbo``),
+        ``"last"`` (``checkpoint.pt``) or ``None``: the best when the run has one, else the
+        last (see :func:`checkpoint_file`); :attr:`Run.checkpoint_file` says which was read.
     :returns: a :class:`Run` with the model in eval mode.
 
     >>> run = load_run("runs/mnist")  # doctest: +SKIP
@@ -266,7 +309,8 @@ def load_run(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
-    state = load_checkpoint(run_dir / CHECKPOINT_FILE, map_location=device)
+    name = checkpoint_file(run_dir, checkpoint)
+    state = load_checkpoint(run_dir / name, map_location=device)
     data = state["config"]
     if vae is None:
         if isinstance(data, dict):
@@ -282,7 +326,7 @@ def load_run(
         described = f"the {type(vae).__name__} passed as vae"
     load_model_state(vae, state["model"], described, f" (in {run_dir})")
     vae.eval()
-    return Run(run_dir, config, vae, state, read_metrics(run_dir))
+    return Run(run_dir, config, vae, state, read_metrics(run_dir), name)
 
 
 def load_run_dataset(

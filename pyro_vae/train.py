@@ -21,12 +21,19 @@ import pyro
 import torch
 
 from pyro_vae.config import Config
-from pyro_vae.data import Dataset, check_finite, iterate_batches
+from pyro_vae.data import Dataset, check_finite, iterate_batches, split_validation
 from pyro_vae.describe import build_vae, is_buildable, record_model
 from pyro_vae.devices import fork_rng, set_rng_state
 from pyro_vae.estimators import AnalyticKLWarning, sampled_kl_sites
 from pyro_vae.objectives import get_elbo, is_importance_weighted
-from pyro_vae.runs import load_model_state, save_checkpoint, save_config, write_metrics
+from pyro_vae.runs import (
+    BEST_FILE,
+    load_model_state,
+    save_checkpoint,
+    save_config,
+    write_metrics,
+)
+from pyro_vae.schedules import EarlyStopping, make_lr_scheduler, step_lr_scheduler
 from pyro_vae.vae import VAE
 
 logger = logging.getLogger(__name__)
@@ -35,7 +42,14 @@ logger = logging.getLogger(__name__)
 EVAL_BATCH_SIZE = 2000
 
 #: The test columns of the metrics rows, and how errors call them.
-TEST_METRICS = {"test_elbo": "test ELBO", "test_iwae": "test IWAE bound"}
+#: The checkpoint keys of the learning-rate scheduler and of early stopping.
+SCHEDULES = ("lr_scheduler", "early_stopping")
+
+TEST_METRICS = {
+    "valid_elbo": "validation ELBO",
+    "test_elbo": "test ELBO",
+    "test_iwae": "test IWAE bound",
+}
 
 
 def kl_weight(config: Config, step: int, steps_per_epoch: int) -> float:
@@ -105,10 +119,17 @@ def prepare_fit(vae: VAE, dataset: Dataset, config: Config) -> Config:
     )
     check_dataset(vae, dataset, config.binarize)
     num_train = dataset.train_x.shape[0]
+    if config.validation_size >= num_train:
+        raise ValueError(
+            f"validation_size {config.validation_size} holds out all {num_train} training "
+            f"datapoints of {dataset.name!r}; set config.validation_size below {num_train}"
+        )
+    num_train -= config.validation_size
     if config.batch_size > num_train:
+        held_out = " left after the validation split" if config.validation_size else ""
         raise ValueError(
             f"batch_size {config.batch_size} is larger than the {num_train} training datapoints "
-            f"of {dataset.name!r}; set config.batch_size to at most {num_train}"
+            f"of {dataset.name!r}{held_out}; set config.batch_size to at most {num_train}"
         )
     return config
 
@@ -177,11 +198,13 @@ def evaluate_elbo(vae: VAE, x: torch.Tensor, elbo: str = "trace", num_particles:
 
 
 def default_optimizer(vae: VAE, config: Config) -> torch.optim.Optimizer:
-    """Adam at ``config.lr`` over the VAE's parameters, in torch's fused implementation (one
-    kernel for all parameters) where the parameters' device has one, else torch's default."""
+    """Adam at ``config.lr`` (with ``config.adam_betas`` and ``config.adam_eps``) over the VAE's
+    parameters, in torch's fused implementation (one kernel for all parameters) where the
+    parameters' device has one, else torch's default."""
     device = next(vae.parameters()).device
     fused = device.type in ("cpu", "cuda") or None
-    return torch.optim.Adam(vae.parameters(), lr=config.lr, fused=fused)
+    betas, eps = tuple(config.adam_betas), config.adam_eps
+    return torch.optim.Adam(vae.parameters(), lr=config.lr, betas=betas, eps=eps, fused=fused)
 
 
 def pyro_checks(config: Config, first: bool) -> contextlib.AbstractContextManager:
@@ -261,8 +284,11 @@ def restore_checkpoint(
     checkpoint: dict,
     config: Config,
     device: torch.device,
+    schedules: tuple[torch.optim.lr_scheduler.LRScheduler, EarlyStopping] | None = None,
 ) -> tuple[int, int]:
-    """Put weights, optimizer state and RNG state back; returns the epoch and step reached.
+    """Put weights, optimizer state, the learning-rate scheduler and early stopping
+    (``schedules``, made for this run before the optimizer state is loaded) and RNG state back;
+    returns the epoch and step reached.
 
     The RNG is restored last, so nothing between here and the next training step draws from it.
     """
@@ -273,6 +299,9 @@ def restore_checkpoint(
         )
     load_model_state(vae, checkpoint["model"], hint="; was config.json edited? Restore it")
     optimizer.load_state_dict(checkpoint["optimizer"])
+    if schedules is not None and "lr_scheduler" in checkpoint:
+        schedules[0].load_state_dict(checkpoint["lr_scheduler"])
+        schedules[1].load_state_dict(checkpoint["early_stopping"])
     set_rng_state(checkpoint["rng"], device)
     return checkpoint["epoch"], checkpoint["step"]
 
@@ -292,6 +321,11 @@ def fit(
     The data and the model live on the same device, that of ``dataset.train_x``. With
     ``run_dir``, ``config.json`` is written first, then after every epoch ``metrics.csv`` and
     ``checkpoint.pt`` (each atomically), so an interrupted run resumes from its last epoch.
+    With ``config.validation_size`` images held out (:func:`~pyro_vae.data.split_validation`),
+    each epoch also measures ``valid_elbo`` on them, writes ``best.pt`` (like
+    ``checkpoint.pt``) whenever it is the highest so far, and with ``config.patience`` stops
+    after that many epochs without a new best. The learning rate follows
+    ``config.lr_schedule`` (:mod:`pyro_vae.schedules`), stepped after every epoch.
     :func:`~pyro_vae.runs.train_run` and :func:`~pyro_vae.runs.resume_run` do all of that from
     a :class:`~pyro_vae.config.Config` alone, data set and figures included.
 
@@ -304,14 +338,17 @@ def fit(
         ``binarize`` and ``image_shape`` come from the data set.
     :param run_dir: folder for config, metrics and checkpoints, or ``None``.
     :param dict checkpoint: a state from :func:`~pyro_vae.runs.load_checkpoint` to resume:
-        weights, optimizer state, epoch and step counters and the RNG state are restored, so
-        the resumed run gives the same numbers as one that was never interrupted.
+        weights, optimizer state, learning-rate scheduler, early stopping, epoch and step
+        counters and the RNG state are restored, so the resumed run gives the same numbers as
+        one that was never interrupted (and a run that stopped early stays stopped).
     :param list metrics: rows already written for the epochs before ``checkpoint``.
     :param on_epoch_end: called with each new metrics row, after the run folder is updated.
     :param optimizer: the optimizer over ``vae.parameters()``; default
         :func:`default_optimizer`, Adam at ``config.lr``.
-    :returns: one row per epoch: ``epoch``, ``step``, ``kl_scale``, ``train_elbo`` (the
-        training objective), ``test_elbo`` (the ELBO at KL weight 1, whatever the objective;
+    :returns: one row per epoch: ``epoch``, ``step``, ``kl_scale``, ``lr`` (the learning rate
+        of the epoch), ``train_elbo`` (the training objective), with a validation split
+        ``valid_elbo`` (the ELBO at KL weight 1 on the held-out images, as ``test_elbo``),
+        ``test_elbo`` (the ELBO at KL weight 1, whatever the objective;
         nats per datapoint, higher is better) and ``seconds``; for an importance-weighted
         ``config.elbo`` (``iwae``, ``dreg``) also ``test_iwae``, the test IWAE bound with
         K = ``config.num_particles`` at KL weight 1, after ``test_elbo``.
@@ -329,24 +366,50 @@ def fit(
     vae.to(dataset.train_x.device)
     if optimizer is None:
         optimizer = default_optimizer(vae, config)
-    start_epoch, step = _start_run(vae, dataset, config, optimizer, run_dir, checkpoint)
+    dataset, valid_x = split_validation(dataset, config.validation_size, config.validation_seed)
+    schedules = make_lr_scheduler(optimizer, config), EarlyStopping(config.patience)
+    start_epoch, step = _start_run(vae, dataset, config, optimizer, schedules, run_dir, checkpoint)
     rows = [row for row in metrics or [] if checkpoint is None or row["epoch"] <= start_epoch]
     with vae.kl_weight(1.0):  # the warm-up sets it per step; afterwards it is as it was
         for epoch in range(start_epoch + 1, config.epochs + 1):
-            row, step = _train_and_test(vae, optimizer, dataset, config, epoch, step, run_dir)
-            rows.append(row)
-            logger.info(
-                "epoch %d: train ELBO %.3f, test ELBO %.3f",
-                epoch,
-                row["train_elbo"],
-                row["test_elbo"],
+            if schedules[1].stopped:
+                break
+            row, step = _train_and_test(
+                vae, optimizer, (dataset, valid_x), config, epoch, step, run_dir
             )
+            rows.append(row)
+            improved = _end_epoch(row, *schedules)
             if run_dir is not None:
                 write_metrics(run_dir, rows)
-                save_checkpoint(run_dir, vae, optimizer, config, epoch, step)
+                state = {name: part.state_dict() for name, part in zip(SCHEDULES, schedules)}
+                if improved:  # best.pt first: a run killed between the two redoes the epoch
+                    save_checkpoint(run_dir, vae, optimizer, config, epoch, step, state, BEST_FILE)
+                save_checkpoint(run_dir, vae, optimizer, config, epoch, step, state)
             if on_epoch_end is not None:
                 on_epoch_end(row)
     return rows
+
+
+def _end_epoch(
+    row: dict, scheduler: torch.optim.lr_scheduler.LRScheduler, stopping: EarlyStopping
+) -> bool:
+    """Log the epoch's row, step the schedule and early stopping; returns whether the row's
+    ``valid_elbo`` is the best so far."""
+    logger.info(
+        "epoch %d: train ELBO %.3f, test ELBO %.3f",
+        row["epoch"],
+        row["train_elbo"],
+        row["test_elbo"],
+    )
+    improved = "valid_elbo" in row and stopping.update(row["epoch"], row["valid_elbo"])
+    step_lr_scheduler(scheduler, row)
+    if stopping.stopped:
+        logger.info(
+            "early stopping after epoch %d: the validation ELBO has not risen since epoch %d",
+            row["epoch"],
+            stopping.best_epoch,
+        )
+    return improved
 
 
 def _start_run(
@@ -354,6 +417,7 @@ def _start_run(
     dataset: Dataset,
     config: Config,
     optimizer: torch.optim.Optimizer,
+    schedules: tuple[torch.optim.lr_scheduler.LRScheduler, EarlyStopping],
     run_dir: str | Path | None,
     checkpoint: dict | None,
 ) -> tuple[int, int]:
@@ -370,27 +434,31 @@ def _start_run(
         start_epoch, step = 0, 0
     else:
         start_epoch, step = restore_checkpoint(
-            vae, optimizer, checkpoint, config, dataset.train_x.device
+            vae, optimizer, checkpoint, config, dataset.train_x.device, schedules
         )
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         save_config(run_dir, config)
         if checkpoint is None:
-            save_checkpoint(run_dir, vae, optimizer, config, start_epoch, step)
+            (Path(run_dir) / BEST_FILE).unlink(missing_ok=True)  # of an earlier run in the folder
+            state = {name: part.state_dict() for name, part in zip(SCHEDULES, schedules)}
+            save_checkpoint(run_dir, vae, optimizer, config, start_epoch, step, state)
     return start_epoch, step
 
 
 def _train_and_test(
     vae: VAE,
     optimizer: torch.optim.Optimizer,
-    dataset: Dataset,
+    data: tuple[Dataset, torch.Tensor | None],
     config: Config,
     epoch: int,
     step: int,
     run_dir: str | Path | None,
 ) -> tuple[dict, int]:
-    """One epoch of training and the test ELBO after it: the epoch's metrics row and the step."""
-    start = time.perf_counter()
+    """One epoch of training and the validation and test ELBOs after it: the epoch's metrics
+    row and the step. ``data`` is the training data set and the validation images, if any."""
+    dataset, valid_x = data
+    start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
     vae.train()
     try:
         train_elbo, step = train_epoch(vae, optimizer, dataset.train_x, config, epoch, step)
@@ -401,7 +469,12 @@ def _train_and_test(
     vae.eval()
     # The test set was checked whole before training, and the model on this epoch's first step.
     with pyro_checks(config, first=False):
-        tests = _test_metrics(vae, dataset.test_x, config)
+        tests = {}
+        if valid_x is not None:
+            tests["valid_elbo"] = evaluate_elbo(
+                vae, valid_x, _elbo_name(config), config.num_particles
+            )
+        tests |= _test_metrics(vae, dataset.test_x, config)
     for column, value in tests.items():
         if not math.isfinite(value):
             raise FloatingPointError(
@@ -412,6 +485,7 @@ def _train_and_test(
         "epoch": epoch,
         "step": step,
         "kl_scale": vae.kl_scale,
+        "lr": lr,
         "train_elbo": train_elbo,
         **tests,
         "seconds": time.perf_counter() - start,
@@ -422,9 +496,13 @@ def _train_and_test(
 def _test_metrics(vae: VAE, x: torch.Tensor, config: Config) -> dict[str, float]:
     """``test_elbo``, the ELBO at KL weight 1 whatever the objective, and for an
     importance-weighted objective ``test_iwae``, its IWAE bound with K = num_particles."""
-    if not is_importance_weighted(config.elbo):
-        return {"test_elbo": evaluate_elbo(vae, x, config.elbo, config.num_particles)}
-    return {
-        "test_elbo": evaluate_elbo(vae, x, "trace", config.num_particles),
-        "test_iwae": evaluate_elbo(vae, x, config.elbo, config.num_particles),
-    }
+    tests = {"test_elbo": evaluate_elbo(vae, x, _elbo_name(config), config.num_particles)}
+    if is_importance_weighted(config.elbo):
+        tests["test_iwae"] = evaluate_elbo(vae, x, config.elbo, config.num_particles)
+    return tests
+
+
+def _elbo_name(config: Config) -> str:
+    """The objective whose bound is ``test_elbo`` and ``valid_elbo``: the ELBO (the trace ELBO
+    for an importance-weighted objective)."""
+    return "trace" if is_importance_weighted(config.elbo) else config.elbo

@@ -108,3 +108,17 @@ def check_parameters_learn(vae: VAE, params: dict, x: torch.Tensor) -> None:
     for _ in range(3):
         svi.step(x)
     assert {n for n, p in params.items() if not torch.equal(p.detach(), before[n])} == set(params)
+
+
+def craft_valid_elbos(monkeypatch, values: list[float], num_valid: int) -> None:
+    """Make ``valid_elbo`` of the coming epochs ``values`` in turn, through fit's
+    ``evaluate_elbo``: the held-out images are its only input with ``num_valid`` rows (the
+    test ELBO is measured as before)."""
+    from pyro_vae import train
+
+    original, values = train.evaluate_elbo, iter(values)
+
+    def crafted(vae, x, *args):
+        return next(values) if x.shape[0] == num_valid else original(vae, x, *args)
+
+    monkeypatch.setattr(train, "evaluate_elbo", crafted)

@@ -18,6 +18,7 @@ from pyro_vae.config import VALIDATIONS
 from pyro_vae.data import BINARIZATIONS
 from pyro_vae.estimators import AnalyticKLWarning
 from pyro_vae.networks import ACTIVATIONS
+from pyro_vae.schedules import LR_SCHEDULES
 
 #: The subcommands README documents.
 DOCUMENTED_COMMANDS = {"train", "sample", "evaluate", "compare"}
@@ -52,7 +53,7 @@ def test_train_writes_every_file_of_the_run_folder(run_dir, capsys):
     expected |= {"elbo.png", "reconstructions.png", "samples.png", "latent_space.png"}
     assert expected <= names
     lines = (run_dir / "metrics.csv").read_text().splitlines()
-    assert lines[0].split(",")[:5] == ["epoch", "step", "kl_scale", "train_elbo", "test_elbo"]
+    assert lines[0].split(",")[:6] == ["epoch", "step", "kl_scale", "lr", "train_elbo", "test_elbo"]
     assert len(lines) == 3
     config = json.loads((run_dir / "config.json").read_text())
     assert config["latent_dim"] == 2 and config["hidden_dims"] == [16]
@@ -63,7 +64,7 @@ def test_train_with_an_importance_weighted_objective_records_the_test_iwae_bound
     out = tmp_path / "iw"
     assert main(["train", *TINY, "--elbo", "dreg", "--num-particles", "5", "--out", str(out)]) == 0
     lines = (out / "metrics.csv").read_text().splitlines()
-    assert lines[0].split(",")[3:6] == ["train_elbo", "test_elbo", "test_iwae"]
+    assert lines[0].split(",")[4:7] == ["train_elbo", "test_elbo", "test_iwae"]
     assert json.loads((out / "config.json").read_text())["elbo"] == "dreg"
 
 
@@ -80,6 +81,31 @@ def test_sample_writes_a_png(run_dir, tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
     assert main(["sample", str(run_dir), "--num", "4"]) == 0
     assert (run_dir / "sample_grid.png").is_file()
+    assert "model of checkpoint.pt (epoch 2)" in capsys.readouterr().out
+
+
+def test_sample_and_evaluate_use_best_pt_unless_asked_for_the_last(tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ["--validation-size", "100", "--patience", "1", "--lr-schedule", "plateau"]
+    assert main(["train", *TINY, "--epochs", "3", *flags, "--out", str(out)]) == 0
+    best = torch.load(out / "best.pt", weights_only=True)["epoch"]
+    capsys.readouterr()
+    assert main(["sample", str(out), "--num", "4"]) == 0
+    assert f"model of best.pt (epoch {best})" in capsys.readouterr().out
+    assert main(["sample", str(out), "--num", "4", "--checkpoint", "last"]) == 0
+    assert "model of checkpoint.pt (epoch" in capsys.readouterr().out
+    argv = ["evaluate", str(out), "--num-samples", "2", "--limit", "5", "--checkpoint", "last"]
+    assert main(argv) == 0
+    assert "model of checkpoint.pt (epoch" in capsys.readouterr().out
+    assert main(argv[:-2]) == 0
+    assert f"model of best.pt (epoch {best})" in capsys.readouterr().out
+
+
+def test_patience_without_a_validation_split_is_a_one_line_error(tmp_path, capsys):
+    assert main(["train", *TINY, "--patience", "3", "--out", str(tmp_path / "run")]) == 1
+    err = one_line_error(capsys)
+    assert "patience 3 stops on valid_elbo, which needs a validation split; set " in err
+    assert "--validation-size to a positive number" in err and not (tmp_path / "run").exists()
 
 
 #: The train flags that set a Config field (their default is the Config's), and the others.
@@ -94,17 +120,26 @@ CONFIG_FLAGS = [
     "--elbo",
     "--num-particles",
     "--lr",
+    "--adam-betas",
+    "--adam-eps",
+    "--lr-schedule",
+    "--lr-decay",
+    "--plateau-factor",
+    "--plateau-patience",
     "--clip-norm",
     "--epochs",
     "--batch-size",
     "--beta",
     "--warmup-epochs",
     "--seed",
+    "--validation-size",
+    "--validation-seed",
+    "--patience",
     "--device",
     "--validation",
 ]
 #: How the help words a Config default of None (never "None").
-NONE_DEFAULTS = {"--clip-norm": "no clipping"}
+NONE_DEFAULTS = {"--clip-norm": "no clipping", "--patience": "no early stopping"}
 #: The other flags, and the default their help shows (None: none, as "not given" is no value).
 OTHER_FLAGS = {
     "--out": "a new folder under runs/",
@@ -155,6 +190,7 @@ def test_help_lists_every_flag_with_default_and_choices(capsys):
         shown = re.findall(r"\(default: (.*?)\)", entries[flag])
         assert shown == ([] if default is None else [default]), entries[flag]
     registries = (DATASETS, ELBOS, GUIDES, LIKELIHOODS, PRIORS, ACTIVATIONS, VALIDATIONS)
+    registries += (LR_SCHEDULES,)
     for registry in registries:
         assert "{" + ",".join(sorted(registry)) + "}" in text
     assert "{" + ",".join(sorted(BINARIZATIONS)) + "}" in text  # choices are listed sorted

@@ -37,12 +37,21 @@ WRONG_TYPE = {
     "elbo": (0, "choose one of ['dreg', 'iwae', 'meanfield', 'stl', 'trace']"),
     "num_particles": (1.0, "must be a positive integer"),
     "lr": ("0.1", "must be a positive finite number"),
+    "adam_betas": (0.9, "must be two numbers in [0, 1)"),
+    "adam_eps": ("1e-8", "must be a positive finite number"),
+    "lr_schedule": (1, "choose one of ['constant', 'exponential', 'iwae', 'plateau']"),
+    "lr_decay": ("0.9", "must be a positive finite number"),
+    "plateau_factor": ("0.5", "must be in (0, 1)"),
+    "plateau_patience": (2.0, "must be a non-negative integer"),
     "clip_norm": ("1", "must be a positive finite number"),
     "epochs": (1.5, "must be a positive integer"),
     "batch_size": (True, "must be a positive integer"),
     "beta": ("1", "must be a positive finite number"),
     "warmup_epochs": (1.5, "must be a non-negative integer"),
     "seed": ("0", "must be an integer in [0, 4294967295]"),
+    "validation_size": ("100", "must be a non-negative integer"),
+    "validation_seed": (1.0, "must be an integer in [0, 4294967295]"),
+    "patience": ("5", "must be a positive integer"),
     "device": (0, "cpu"),
     "validation": (None, "choose one of ['every_step', 'first_step']"),
     "data_dim": ("64", "must be a positive integer or None"),
@@ -67,12 +76,21 @@ OUT_OF_RANGE = {
     "elbo": [("renyi", "choose one of ['dreg', 'iwae', 'meanfield', 'stl', 'trace']")],
     "num_particles": [(0, "must be a positive integer")],
     "lr": [(0.0, "positive finite"), (-0.1, "positive finite"), (math.inf, "positive finite")],
+    "adam_betas": [([0.9], "two numbers in [0, 1)"), ([0.9, 1.0], "[0, 1)"), ([-0.1, 0.9], "[0")],
+    "adam_eps": [(0.0, "positive finite"), (-1e-8, "positive finite")],
+    "lr_schedule": [("cosine", "choose one of ['constant', 'exponential', 'iwae', 'plateau']")],
+    "lr_decay": [(0.0, "positive finite"), (1.5, "must be in (0, 1]")],
+    "plateau_factor": [(0.0, "must be in (0, 1)"), (1.0, "(0, 1)"), (math.nan, "(0, 1)")],
+    "plateau_patience": [(-1, "must be a non-negative integer")],
     "clip_norm": [(0.0, "positive finite"), (-1.0, "positive finite"), (math.nan, "finite")],
     "epochs": [(0, "must be a positive integer")],
     "batch_size": [(0, "must be a positive integer")],
     "beta": [(0.0, "positive finite"), (-0.5, "positive finite"), (math.nan, "finite")],
     "warmup_epochs": [(-1, "must be a non-negative integer")],
     "seed": [(-1, "in [0, 4294967295]"), (2**32, "in [0, 4294967295]")],
+    "validation_size": [(-1, "must be a non-negative integer")],
+    "validation_seed": [(-1, "in [0, 4294967295]"), (2**32, "in [0, 4294967295]")],
+    "patience": [(0, "must be a positive integer"), (-3, "must be a positive integer")],
     "device": [("gpu", "choose auto, cpu, cuda or cuda:N"), ("mps", "cuda:N")],
     "validation": [("never", "choose one of ['every_step', 'first_step']")],
     "data_dim": [(0, "must be a positive integer or None")],
@@ -97,12 +115,21 @@ GOOD_VALUES = {
     "elbo": "meanfield",
     "num_particles": 2,
     "lr": 0.5,
+    "adam_betas": [0.5, 0.9],
+    "adam_eps": 1e-6,
+    "lr_schedule": "plateau",
+    "lr_decay": 0.5,
+    "plateau_factor": 0.5,
+    "plateau_patience": 3,
     "clip_norm": 10.0,
     "epochs": 7,
     "batch_size": 3,
     "beta": 0.25,
     "warmup_epochs": 2,
     "seed": 2**32 - 1,
+    "validation_size": 100,
+    "validation_seed": 7,
+    "patience": 5,
     "device": "cuda:1",
     "validation": "every_step",
     "data_dim": 64,
@@ -262,3 +289,22 @@ def test_model_summary_names_the_model_of_a_run():
         "hidden_dims": [8],
         "trained_with_elbo": "meanfield",
     }
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"patience": 5}, "patience 5 stops on valid_elbo, which needs a validation split"),
+        ({"lr_schedule": "plateau"}, "lr_schedule 'plateau' steps on valid_elbo, which needs a"),
+    ],
+)
+def test_settings_that_read_valid_elbo_need_a_validation_split(values, match):
+    with pytest.raises(ValueError, match=match) as info:
+        Config(**values)
+    assert "set config.validation_size to a positive number" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert Config(**values, validation_size=1).validation_size == 1
+
+
+def test_adam_betas_are_stored_as_a_list():
+    assert Config(adam_betas=(0.5, 0.75)).adam_betas == [0.5, 0.75]

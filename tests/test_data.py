@@ -24,6 +24,8 @@ from pyro_vae.data import (
     load_dataset,
     resolve_binarize,
     select_split,
+    split_validation,
+    validation_rows,
 )
 
 # Real MNIST beside the repository: CI runs on a fresh clone with ../shared next to it.
@@ -528,3 +530,50 @@ def test_bernoulli_draw_has_the_bernoulli_distribution():
     assert ((x.mean(0) - probs).abs() <= 5 * stderr).all(), x.mean(0)
     torch.manual_seed(3)
     assert torch.equal(bernoulli_draw(p), x)
+
+
+# -- the validation split ------------------------------------------------------------------------
+
+
+def test_validation_rows_partition_the_training_split_and_are_fixed_by_the_seed():
+    train, valid = validation_rows(1497, 300, seed=4)
+    assert (len(train), len(valid)) == (1197, 300)
+    assert torch.equal(torch.cat([train, valid]).sort().values, torch.arange(1497))
+    assert not set(train.tolist()) & set(valid.tolist())
+    again = validation_rows(1497, 300, seed=4)
+    assert torch.equal(again[0], train) and torch.equal(again[1], valid)
+    assert not torch.equal(validation_rows(1497, 300, seed=5)[1], valid)
+    # Holding out more images keeps no fewer of the first draw's: a prefix of one permutation.
+    assert set(valid.tolist()) <= set(validation_rows(1497, 400, seed=4)[1].tolist())
+
+
+def test_validation_rows_leave_the_global_rng_alone():
+    state = torch.get_rng_state()
+    validation_rows(100, 10, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("size", [-1, 1497, 2000, 2.5])
+def test_validation_rows_bad_size_error(size):
+    with pytest.raises(
+        ValueError, match=rf"validation_size must be an integer in \[0, 1496\], got {size}"
+    ):
+        validation_rows(1497, size)
+
+
+def test_split_validation_holds_out_binarized_training_images(digits):
+    train, valid_x = split_validation(digits, 200, seed=0)
+    rows_kept, rows_out = validation_rows(len(digits.train_x), 200, seed=0)
+    assert torch.equal(train.train_x, digits.train_x[rows_kept])
+    assert torch.equal(train.train_y, digits.train_y[rows_kept])
+    assert train.test_x is digits.test_x and train.binarize == "dynamic"
+    # Dynamic binarization: the held-out grey levels are drawn once, to the same binary images.
+    assert set(valid_x.unique().tolist()) <= {0.0, 1.0} and valid_x.shape == (200, 64)
+    assert torch.equal(valid_x, split_validation(digits, 200, seed=0)[1])
+    grey = digits.train_x[rows_out]
+    assert torch.all(valid_x[grey == 0] == 0) and torch.all(valid_x[grey == 1] == 1)
+    kept, none = split_validation(digits, 0)
+    assert kept is digits and none is None
+    grey_levels = load_dataset("digits", binarize="none")
+    held_out = validation_rows(1497, 5, seed=2)[1]
+    assert torch.equal(split_validation(grey_levels, 5, seed=2)[1], grey_levels.train_x[held_out])

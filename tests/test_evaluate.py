@@ -104,6 +104,7 @@ def test_evaluation_as_dict_is_evaluation_json_in_its_order(result):
         "hidden_dims": [16],
         "trained_with_elbo": "trace",
         "epochs": 2,
+        "checkpoint": "checkpoint.pt",
     }
     assert Evaluation(**{**data, "model": dict(data["model"])}) == result
 

@@ -5,7 +5,7 @@ import pickle
 import pyro
 import pytest
 import torch
-from common import tiny_config, tiny_vae, without_seconds
+from common import craft_valid_elbos, tiny_config, tiny_vae, without_seconds
 
 from pyro_vae import VAE, Config, fit, load_run, resume_run, train_run
 from pyro_vae.describe import build_vae
@@ -347,3 +347,92 @@ def test_load_run_dataset_binarizes_as_the_likelihood_needs_when_unset():
     assert load_run_dataset(tiny_config()).binarize == "dynamic"
     assert load_run_dataset(tiny_config(likelihood="normal")).binarize == "none"
     assert load_run_dataset(tiny_config(binarize="static")).binarize == "static"
+
+
+# -- best.pt, and resuming mid-schedule and mid-patience ------------------------------------------
+
+#: Held-out images of these tests: no other input of evaluate_elbo has this many rows.
+NUM_VALID = 97
+
+
+def test_a_run_without_a_validation_split_writes_no_best_pt_and_loads_the_last(trained_run):
+    run_dir, _ = trained_run
+    assert not (run_dir / "best.pt").exists()
+    assert load_run(run_dir).checkpoint_file == "checkpoint.pt"
+    with pytest.raises(FileNotFoundError, match="has no best.pt: it was trained without a valid"):
+        load_run(run_dir, checkpoint="best")
+    with pytest.raises(ValueError, match=r"unknown checkpoint 'first'; choose one of \['best'"):
+        load_run(run_dir, checkpoint="first")
+
+
+def test_load_run_reads_best_pt_by_default_and_the_last_on_request(tmp_path, monkeypatch):
+    craft_valid_elbos(monkeypatch, [-50.0, -40.0, -45.0], NUM_VALID)
+    run = train_run(tiny_config(epochs=3, validation_size=NUM_VALID), tmp_path / "run")
+    best, last = load_run(run.path), load_run(run.path, checkpoint="last")
+    assert (best.checkpoint_file, best.checkpoint["epoch"]) == ("best.pt", 2)
+    assert (last.checkpoint_file, last.checkpoint["epoch"]) == ("checkpoint.pt", 3)
+    assert load_run(run.path, checkpoint="best").checkpoint["epoch"] == 2
+    x = torch.rand(4, 64)
+    assert torch.equal(last.vae.reconstruct(x), run.vae.reconstruct(x))
+    assert not torch.equal(best.vae.reconstruct(x), run.vae.reconstruct(x))
+
+
+def interrupted_and_resumed(config, tmp_path, epoch, monkeypatch=None, valid_elbos=None):
+    """The run of ``config`` straight through, and interrupted after ``epoch`` then resumed."""
+    runs = []
+    for name, stop in (("whole", None), ("cut", stop_after_epoch(epoch))):
+        if valid_elbos is not None:
+            craft_valid_elbos(monkeypatch, valid_elbos, NUM_VALID)
+        if stop is None:
+            runs.append(train_run(config, tmp_path / name))
+            continue
+        with pytest.raises(RunInterrupted):
+            train_run(config, tmp_path / name, on_epoch_end=stop)
+        runs.append(resume_run(tmp_path / name))
+    return runs
+
+
+def same_weights(first, second):
+    return (
+        all(torch.equal(v, second[k]) for k, v in first.items()) and first.keys() == second.keys()
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"lr_schedule": "iwae", "lr": 1e-2}, {"lr_schedule": "exponential", "lr_decay": 0.5}],
+)
+def test_a_run_resumed_mid_schedule_repeats_the_uninterrupted_one(tmp_path, options):
+    config = tiny_config(epochs=6, seed=2, **options)
+    whole, resumed = interrupted_and_resumed(config, tmp_path, epoch=3)
+    assert without_seconds(resumed.metrics) == without_seconds(whole.metrics)
+    assert len({row["lr"] for row in whole.metrics}) >= 3  # the rate changes after the cut
+    assert same_weights(resumed.vae.state_dict(), whole.vae.state_dict())
+    assert resumed.checkpoint["lr_scheduler"] == whole.checkpoint["lr_scheduler"]
+
+
+def test_a_run_resumed_mid_plateau_and_mid_patience_repeats_the_uninterrupted_one(
+    tmp_path, monkeypatch
+):
+    config = tiny_config(
+        epochs=8,
+        seed=2,
+        validation_size=NUM_VALID,
+        patience=3,
+        lr_schedule="plateau",
+        plateau_patience=0,
+        plateau_factor=0.5,
+    )
+    # Best at epoch 2; the cut after epoch 4 is two epochs into the patience of 3.
+    elbos = [-50.0, -40.0, -45.0, -41.0, -42.0, -30.0, -20.0, -10.0]
+    whole, resumed = interrupted_and_resumed(config, tmp_path, 4, monkeypatch, elbos)
+    assert [row["epoch"] for row in whole.metrics] == [1, 2, 3, 4, 5]
+    assert [row["lr"] for row in whole.metrics] == [1e-3, 1e-3, 1e-3, 5e-4, 2.5e-4]
+    assert without_seconds(resumed.metrics) == without_seconds(whole.metrics)
+    assert same_weights(resumed.vae.state_dict(), whole.vae.state_dict())
+    for name in ("best.pt", "checkpoint.pt"):
+        cut, straight = (load_checkpoint(run.path / name) for run in (resumed, whole))
+        assert cut["epoch"] == straight["epoch"] and same_weights(cut["model"], straight["model"])
+    assert resumed.checkpoint["early_stopping"] == {"best": -40.0, "best_epoch": 2, "bad_epochs": 3}
+    # A run that stopped early stays stopped, even when asked for more epochs.
+    assert len(resume_run(resumed.path, epochs=10).metrics) == 5

@@ -1,4 +1,5 @@
 import dataclasses
+import inspect
 import math
 
 import pyro
@@ -6,11 +7,13 @@ import pyro.infer.util
 import pytest
 import torch
 import torch.nn.functional as F
+from common import craft_valid_elbos
 from common import without_seconds as strip_seconds
 from torch import nn
 
 from pyro_vae import VAE, Config, evaluate_elbo, fit, load_dataset
 from pyro_vae import train as train_module
+from pyro_vae.data import split_validation
 from pyro_vae.estimators import AnalyticKLWarning, estimate_elbo_terms, estimate_log_likelihood
 from pyro_vae.objectives import ELBOS, get_elbo, is_importance_weighted
 from pyro_vae.runs import load_checkpoint, read_metrics
@@ -103,7 +106,7 @@ def test_importance_weighted_training_records_the_test_iwae_bound(digits, elbo):
     (measured by 0.5 to 1.4 nats over seeds 0-2) and both rise, by about 7 nats in 3 epochs."""
     config = small_config(elbo=elbo, num_particles=5, epochs=3, lr=3e-3)
     rows = fit(small_vae(config), digits, config)
-    columns = ["epoch", "step", "kl_scale", "train_elbo", "test_elbo", "test_iwae", "seconds"]
+    columns = ["epoch", "step", "kl_scale", "lr", "train_elbo", "test_elbo", "test_iwae", "seconds"]
     assert all(list(row) == columns for row in rows)
     assert all(r["test_elbo"] < r["test_iwae"] < 0 for r in rows), rows
     assert (
@@ -123,7 +126,15 @@ def test_metrics_rows_have_the_documented_columns(digits):
     config = small_config()
     rows = fit(small_vae(config), digits, config)
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert set(rows[0]) == {"epoch", "step", "kl_scale", "train_elbo", "test_elbo", "seconds"}
+    assert list(rows[0]) == [
+        "epoch",
+        "step",
+        "kl_scale",
+        "lr",
+        "train_elbo",
+        "test_elbo",
+        "seconds",
+    ]
     assert rows[-1]["step"] == 2 * math.ceil(len(digits.train_x) / 100)
     # Better than the uniform model, which puts log 1/2 on every pixel (-44.36 nats); epoch 1
     # measured -42.5 to -41.6 over seeds 0-2.
@@ -445,4 +456,98 @@ def test_dynamic_binarization_refuses_training_data_outside_the_unit_interval(
     message = rf"needs training data in \[0, 1\], but dataset.train_x lies in {shown}"
     with pytest.raises(ValueError, match=message):
         fit(small_vae(config), bad, config, run_dir=tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- validation split, early stopping and learning-rate schedules --------------------------------
+
+#: Held-out images of the validation tests: no other input of evaluate_elbo has this many rows.
+NUM_VALID = 97
+
+
+def test_a_validation_split_trains_on_the_other_images_and_adds_valid_elbo(digits, monkeypatch):
+    seen = []
+    original = train_module.train_epoch
+
+    def recording(vae, optimizer, x, *args, **kwargs):
+        seen.append(x)
+        return original(vae, optimizer, x, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_epoch", recording)
+    config = small_config(epochs=1, validation_size=NUM_VALID, validation_seed=3)
+    rows = fit(small_vae(config), digits, config)
+    columns = ["epoch", "step", "kl_scale", "lr", "train_elbo", "valid_elbo", "test_elbo"]
+    assert list(rows[0]) == [*columns, "seconds"]
+    assert torch.equal(seen[0], split_validation(digits, NUM_VALID, 3)[0].train_x)
+    assert rows[0]["step"] == (1497 - NUM_VALID) // 100
+    assert -64 * math.log(2) < rows[0]["valid_elbo"] < 0
+
+
+def test_early_stopping_stops_after_patience_epochs_without_a_higher_valid_elbo(
+    digits, monkeypatch, tmp_path
+):
+    craft_valid_elbos(monkeypatch, [-50.0, -40.0, -45.0, -41.0, -42.0, -30.0], NUM_VALID)
+    config = small_config(epochs=6, validation_size=NUM_VALID, patience=2, batch_size=350)
+    vae = small_vae(config)
+    best_epochs, weights = [], {}
+
+    def record(row):
+        best_epochs.append(load_checkpoint(tmp_path / "best.pt")["epoch"])
+        weights[row["epoch"]] = {k: v.clone() for k, v in vae.state_dict().items()}
+
+    rows = fit(vae, digits, config, run_dir=tmp_path, on_epoch_end=record)
+    # Best at epoch 2; epochs 3 and 4 do not beat it, so training stops after epoch 4.
+    assert [row["valid_elbo"] for row in rows] == [-50.0, -40.0, -45.0, -41.0]
+    assert best_epochs == [1, 2, 2, 2]
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert all(torch.equal(best["model"][k], v) for k, v in weights[2].items())
+    last = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert last["epoch"] == 4
+    assert last["early_stopping"] == {"best": -40.0, "best_epoch": 2, "bad_epochs": 2}
+
+
+def test_without_patience_training_runs_every_epoch_and_keeps_the_best(
+    digits, monkeypatch, tmp_path
+):
+    craft_valid_elbos(monkeypatch, [-50.0, -40.0, -45.0, -41.0], NUM_VALID)
+    config = small_config(epochs=4, validation_size=NUM_VALID, batch_size=350)
+    assert len(fit(small_vae(config), digits, config, run_dir=tmp_path)) == 4
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
+
+
+A = 10 ** (-1 / 7)
+
+
+@pytest.mark.parametrize(
+    "schedule, factors",
+    [
+        ("constant", [1, 1, 1, 1, 1]),
+        ("iwae", [1, A, A, A, A**2]),
+        ("exponential", [1, 0.5, 0.25, 0.125, 0.0625]),
+    ],
+)
+def test_the_lr_column_is_the_rate_of_the_schedule(digits, schedule, factors):
+    config = small_config(epochs=5, lr=1e-2, lr_schedule=schedule, lr_decay=0.5, batch_size=500)
+    rows = fit(small_vae(config), digits, config)
+    assert [row["lr"] for row in rows] == pytest.approx([1e-2 * f for f in factors], abs=0)
+
+
+def test_adam_betas_and_eps_reach_the_default_optimizer_and_default_to_torchs(digits):
+    config = small_config(adam_betas=[0.5, 0.75], adam_eps=1e-4)
+    group = train_module.default_optimizer(small_vae(config), config).param_groups[0]
+    assert group["betas"] == (0.5, 0.75) and group["eps"] == 1e-4
+    torch_defaults = inspect.signature(torch.optim.Adam).parameters
+    assert tuple(Config().adam_betas) == torch_defaults["betas"].default
+    assert Config().adam_eps == torch_defaults["eps"].default
+
+
+def test_a_validation_split_must_leave_training_images(digits, tmp_path):
+    config = small_config(validation_size=1497)
+    match = "validation_size 1497 holds out all 1497 training datapoints of 'digits'; set "
+    with pytest.raises(ValueError, match=match):
+        fit(small_vae(config), digits, config, run_dir=tmp_path / "run")
+    config = small_config(validation_size=1400, batch_size=100)
+    match = "larger than the 97 training datapoints of 'digits' left after the validation split"
+    with pytest.raises(ValueError, match=match):
+        fit(small_vae(config), digits, config, run_dir=tmp_path / "run")
     assert list(tmp_path.iterdir()) == []
