@@ -150,8 +150,8 @@ def test_mnist_results_script_tiny(tmp_path):
     assert {"comparison.json", "comparison.md", "mixture_log_prob.json"} <= files
     assert {"comparison_curves.png", "comparison_snr.png"} <= files
     metrics = (tmp_path / "results" / "mnist-dreg-k50-metrics.csv").read_text().splitlines()
-    assert metrics[0].split(",")[:6] == [
-        "epoch", "step", "kl_scale", "train_elbo", "test_elbo", "test_iwae"
+    assert metrics[0].split(",")[:7] == [
+        "epoch", "step", "kl_scale", "lr", "train_elbo", "test_elbo", "test_iwae"
     ]  # fmt: skip
     study = json.loads((tmp_path / "results" / "comparison.json").read_text())
     assert list(study["training"]["curves"]) == ["trace", "meanfield", "stl", "iwae", "dreg"]
