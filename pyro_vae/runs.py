@@ -137,10 +137,15 @@ def load_config(run_dir: str | Path) -> Config:
 
 
 def write_metrics(run_dir: str | Path, rows: list[dict]) -> None:
-    """Write all metric rows (one per epoch) to ``metrics.csv``."""
+    """Write all metric rows (one per epoch) to ``metrics.csv``.
+
+    The columns are those of every row, in the order they first appear; a row without one of
+    them (an epoch written by an older version, before the column existed) has ``nan`` there.
+    """
     buf = io.StringIO()
     if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(buf, fieldnames=columns, restval="nan")
         writer.writeheader()
         writer.writerows(rows)
     atomic_write_text(Path(run_dir) / METRICS_FILE, buf.getvalue())

@@ -41,10 +41,10 @@ logger = logging.getLogger(__name__)
 #: Datapoints per forward pass when evaluating; bounds memory, not results.
 EVAL_BATCH_SIZE = 2000
 
-#: The test columns of the metrics rows, and how errors call them.
 #: The checkpoint keys of the learning-rate scheduler and of early stopping.
 SCHEDULES = ("lr_scheduler", "early_stopping")
 
+#: The evaluation columns of the metrics rows, and how errors call them.
 TEST_METRICS = {
     "valid_elbo": "validation ELBO",
     "test_elbo": "test ELBO",

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 import pickle
 
 import pyro
@@ -98,6 +99,17 @@ def test_metrics_csv_round_trip(tmp_path):
     assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == (
         "epoch,step,train_elbo,test_elbo,seconds"
     )
+
+
+def test_metrics_of_an_older_run_gain_the_new_columns_as_nan(tmp_path):
+    # A run written before the lr column existed, resumed by this version.
+    old = {"epoch": 1, "step": 5, "train_elbo": -3.5, "test_elbo": -4.25, "seconds": 0.5}
+    new = {"epoch": 2, "step": 10, "lr": 1e-3, "train_elbo": -3.0, "test_elbo": -4.0, "seconds": 1}
+    write_metrics(tmp_path, [old, new])
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    assert header == "epoch,step,train_elbo,test_elbo,seconds,lr"
+    first, second = read_metrics(tmp_path)
+    assert math.isnan(first.pop("lr")) and first == old and second == new
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
