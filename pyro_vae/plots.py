@@ -216,7 +216,10 @@ def plot_gradient_snr(rows: Sequence[dict], axes: Sequence[Axes] | None = None) 
         for i, name in enumerate(objectives):
             mine = [r for r in rows if r["objective"] == name and r[group]["snr"] is not None]
             ks = [r["num_particles"] for r in mine]
-            ax.plot(ks, [r[group]["snr"] for r in mine], "o-", color=f"C{i}", label=name)
+            # Objectives that share a gradient (the decoder's, within a family) overlap: their
+            # markers shrink from one to the next so that every one stays visible.
+            style = {"marker": "os^vD"[i % 5], "markersize": 10 - 1.5 * (i % 5)}
+            ax.plot(ks, [r[group]["snr"] for r in mine], "-", color=f"C{i}", label=name, **style)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("particles K")
