@@ -17,7 +17,7 @@ from pyro_vae.data import BINARIZATIONS, DATASETS
 from pyro_vae.devices import check_device_name
 from pyro_vae.guides import GUIDES
 from pyro_vae.likelihoods import LIKELIHOODS
-from pyro_vae.networks import ACTIVATIONS
+from pyro_vae.networks import ACTIVATION_CHOICES
 from pyro_vae.objectives import ELBOS
 from pyro_vae.priors import PRIORS
 from pyro_vae.schedules import LR_SCHEDULES, NEEDS_VALIDATION
@@ -37,7 +37,7 @@ VALIDATIONS = {
 CHOICES = {
     "dataset": DATASETS,
     "binarize": BINARIZATIONS,
-    "activation": ACTIVATIONS,
+    "activation": ACTIVATION_CHOICES,
     "prior": PRIORS,
     "likelihood": LIKELIHOODS,
     "guide": GUIDES,

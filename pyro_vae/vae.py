@@ -57,7 +57,8 @@ class VAE(nn.Module):
     :param int latent_dim: size of the latent code.
     :param hidden_dims: hidden layer sizes of the encoder; the decoder mirrors them.
     :param str activation: activation between hidden layers, a key of
-        :data:`~pyro_vae.networks.ACTIVATIONS`.
+        :data:`~pyro_vae.networks.ACTIVATIONS`, or ``"gated"`` for gated dense hidden layers
+        (:class:`~pyro_vae.networks.GatedDense`).
     :param prior: a key of :data:`~pyro_vae.priors.PRIORS` or a :class:`~pyro_vae.priors.Prior`.
     :param likelihood: a key of :data:`~pyro_vae.likelihoods.LIKELIHOODS` or a
         :class:`~pyro_vae.likelihoods.Likelihood`.

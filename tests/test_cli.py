@@ -17,7 +17,7 @@ from pyro_vae.cli import build_parser, main, name_flags
 from pyro_vae.config import VALIDATIONS
 from pyro_vae.data import BINARIZATIONS
 from pyro_vae.estimators import AnalyticKLWarning
-from pyro_vae.networks import ACTIVATIONS
+from pyro_vae.networks import ACTIVATION_CHOICES
 from pyro_vae.schedules import LR_SCHEDULES
 
 #: The subcommands README documents.
@@ -189,7 +189,7 @@ def test_help_lists_every_flag_with_default_and_choices(capsys):
     for flag, default in OTHER_FLAGS.items():
         shown = re.findall(r"\(default: (.*?)\)", entries[flag])
         assert shown == ([] if default is None else [default]), entries[flag]
-    registries = (DATASETS, ELBOS, GUIDES, LIKELIHOODS, PRIORS, ACTIVATIONS, VALIDATIONS)
+    registries = (DATASETS, ELBOS, GUIDES, LIKELIHOODS, PRIORS, ACTIVATION_CHOICES, VALIDATIONS)
     registries += (LR_SCHEDULES,)
     for registry in registries:
         assert "{" + ",".join(sorted(registry)) + "}" in text
@@ -438,7 +438,7 @@ def test_sample_seed_fixes_the_images_whatever_the_global_rng(run_dir, tmp_path,
     assert torch.equal(drawn[0], vae.sample(6))
 
 
-@pytest.mark.parametrize("activation", sorted(set(ACTIVATIONS) - {Config().activation}))
+@pytest.mark.parametrize("activation", sorted(set(ACTIVATION_CHOICES) - {Config().activation}))
 def test_a_non_default_activation_is_trained_and_rebuilt_from_config_json(
     activation, tmp_path, monkeypatch
 ):
@@ -457,7 +457,7 @@ def test_a_non_default_activation_is_trained_and_rebuilt_from_config_json(
     (vae,) = trained
     loaded = load_run(out).vae
     for model in (vae, loaded):
-        used = {type(m) for m in model.modules() if type(m) in ACTIVATIONS.values()}
-        assert used == {ACTIVATIONS[activation]}
+        used = {type(m) for m in model.modules() if type(m) in ACTIVATION_CHOICES.values()}
+        assert used == {ACTIVATION_CHOICES[activation]}
     x = torch.rand(5, 64).bernoulli()
     assert torch.equal(loaded.reconstruct(x), vae.eval().reconstruct(x))

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_vae.networks import ACTIVATIONS, MLP, get_activation
+from pyro_vae.networks import ACTIVATION_CHOICES, ACTIVATIONS, MLP, GatedDense, get_activation
 
 
 def test_mlp_layer_sizes_follow_input_hidden_output():
@@ -52,5 +52,26 @@ def test_get_activation_unknown_name_error():
     message = r"unknown activation 'swish'; choose one of \['elu', 'gelu', 'relu'"
     with pytest.raises(ValueError, match=message):
         get_activation("swish")
-    with pytest.raises(ValueError, match=message):
+
+
+def test_gated_mlp_has_gated_hidden_layers_and_a_linear_output():
+    mlp = MLP(5, [7, 9], 3, activation="gated")
+    assert [type(m) for m in mlp] == [GatedDense, GatedDense, nn.Linear]
+    sizes = [(m.linear.in_features, m.linear.out_features) for m in list(mlp)[:2]]
+    assert sizes == [(5, 7), (7, 9)] and (mlp[2].in_features, mlp[2].out_features) == (9, 3)
+    assert [type(m) for m in MLP(4, [], 2, activation="gated")] == [nn.Linear]
+
+
+def test_gated_dense_is_a_linear_map_times_a_sigmoid_gate():
+    torch.manual_seed(0)
+    layer = GatedDense(4, 3)
+    x = torch.randn(2, 5, 4)
+    h = x @ layer.linear.weight.T + layer.linear.bias
+    g = 1 / (1 + torch.exp(-(x @ layer.gate.weight.T + layer.gate.bias)))
+    torch.testing.assert_close(layer(x), h * g)
+
+
+def test_activation_choices_name_activations_and_gated_layers():
+    assert set(ACTIVATION_CHOICES) == set(ACTIVATIONS) | {"gated"}
+    with pytest.raises(ValueError, match=r"unknown activation 'swish'; choose one of \['elu'"):
         MLP(3, [4], 2, activation="swish")
