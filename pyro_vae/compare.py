@@ -648,13 +648,14 @@ def _score(vae: VAE, eval_x: torch.Tensor, seed: int, num_samples: int) -> dict:
         warnings.simplefilter("ignore", AnalyticKLWarning)
         torch.manual_seed(seed)
         elbo = estimate_elbo(vae.model, vae.guide, eval_x, analytic_kl=True)
-        torch.manual_seed(seed)
-        iwae = estimate_log_likelihood(vae.model, vae.guide, eval_x, num_samples)
+    iwae = _log_likelihood(vae, eval_x, num_samples, seed)
     return {"test_elbo": elbo.mean().item(), "test_iwae": iwae.mean().item()}
 
 
 @torch.no_grad()
 def _log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int, seed: int) -> torch.Tensor:
+    """Per-datapoint IWAE estimates of log p(x) on a fixed seed, without touching the global
+    stream of random numbers."""
     vae.eval()
     with fork_rng(x.device):
         torch.manual_seed(seed)

@@ -300,8 +300,8 @@ def restore_checkpoint(
     load_model_state(vae, checkpoint["model"], hint="; was config.json edited? Restore it")
     optimizer.load_state_dict(checkpoint["optimizer"])
     if schedules is not None and "lr_scheduler" in checkpoint:
-        schedules[0].load_state_dict(checkpoint["lr_scheduler"])
-        schedules[1].load_state_dict(checkpoint["early_stopping"])
+        for key, schedule in zip(SCHEDULES, schedules):
+            schedule.load_state_dict(checkpoint[key])
     set_rng_state(checkpoint["rng"], device)
     return checkpoint["epoch"], checkpoint["step"]
 
@@ -381,13 +381,20 @@ def fit(
             improved = _end_epoch(row, *schedules)
             if run_dir is not None:
                 write_metrics(run_dir, rows)
-                state = {name: part.state_dict() for name, part in zip(SCHEDULES, schedules)}
+                state = _schedule_state(schedules)
                 if improved:  # best.pt first: a run killed between the two redoes the epoch
                     save_checkpoint(run_dir, vae, optimizer, config, epoch, step, state, BEST_FILE)
                 save_checkpoint(run_dir, vae, optimizer, config, epoch, step, state)
             if on_epoch_end is not None:
                 on_epoch_end(row)
     return rows
+
+
+def _schedule_state(
+    schedules: tuple[torch.optim.lr_scheduler.LRScheduler, EarlyStopping],
+) -> dict:
+    """The checkpoint entries of the learning-rate scheduler and of early stopping."""
+    return {key: schedule.state_dict() for key, schedule in zip(SCHEDULES, schedules)}
 
 
 def _end_epoch(
@@ -441,7 +448,7 @@ def _start_run(
         save_config(run_dir, config)
         if checkpoint is None:
             (Path(run_dir) / BEST_FILE).unlink(missing_ok=True)  # of an earlier run in the folder
-            state = {name: part.state_dict() for name, part in zip(SCHEDULES, schedules)}
+            state = _schedule_state(schedules)
             save_checkpoint(run_dir, vae, optimizer, config, start_epoch, step, state)
     return start_epoch, step
 
