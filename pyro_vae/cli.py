@@ -4,7 +4,6 @@ one line, ``pyro-vae: error: ...`` (exit 2 for usage errors; ``--debug`` shows t
 import argparse
 import dataclasses
 import logging
-import re
 import shlex
 import sys
 import warnings
@@ -20,11 +19,13 @@ from pyro_vae.config import CHOICES, Config
 from pyro_vae.devices import resolve_device
 from pyro_vae.evaluate import evaluate_run, fix_malloc_threshold
 from pyro_vae.flags import (
+    FLAG_TYPES,
+    OPTION_FLAGS,
+    as_flag,
     device_name,
     key_value,
+    name_flags,
     non_negative_float,
-    non_negative_int,
-    positive_float,
     positive_int,
     seed_value,
 )
@@ -39,8 +40,6 @@ from pyro_vae.runs import (
     train_run,
 )
 
-#: The part options of a config, and the repeatable flags that set them.
-OPTION_FLAGS = {f"{kind}_kwargs": f"{kind}-option" for kind in ("prior", "likelihood", "guide")}
 #: The arguments ``train --resume`` may be given: the run keeps its other settings.
 RESUME_ARGS = set("resume epochs device data_dir debug verbose command func command_line".split())
 DEBUG = {"action": "store_true", "default": argparse.SUPPRESS, "help": "show tracebacks on errors"}
@@ -57,34 +56,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
 class UsageError(ValueError):
     """Flags that do not go together; reported like an argparse error, with exit code 2."""
-
-
-#: The argparse type of each flag made from a Config field (the choices come from CHOICES).
-FLAG_TYPES = {"seed": seed_value, "validation_seed": seed_value, "device": device_name}
-FLAG_TYPES |= {"adam_betas": non_negative_float}  # in [0, 1), as Config checks
-FLAG_NAMES = {
-    non_negative_int: "warmup_epochs validation_size plateau_patience",
-    positive_float: "lr clip_norm beta adam_eps lr_decay plateau_factor",
-    positive_int: "latent_dim hidden_dims num_particles patience epochs batch_size",
-}
-FLAG_TYPES |= {name: kind for kind, names in FLAG_NAMES.items() for name in names.split()}
-
-
-def as_flag(name: str) -> str:
-    """The flag that sets the Config field ``name``."""
-    return "--" + OPTION_FLAGS.get(name, name).replace("_", "-")
-
-
-def name_flags(message: str) -> str:
-    """``config.<field>`` in a library message as its flag (``--<kind>-option NAME=VALUE``)."""
-
-    def options(m: re.Match) -> str:
-        pairs = re.findall(r"'(\w+)': ([^,}]+)", m[2])
-        return " ".join(f"{as_flag(m[1])} {name}={value}" for name, value in pairs)
-
-    message = re.sub(rf"\bconfig\.({'|'.join(OPTION_FLAGS)})=(\{{[^{{}}]*\}})", options, message)
-    fields = {f.name for f in dataclasses.fields(Config)}
-    return re.sub(r"\bconfig\.(\w+)", lambda m: as_flag(m[1]) if m[1] in fields else m[0], message)
 
 
 def add_train_parser(commands) -> None:

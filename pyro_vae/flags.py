@@ -1,10 +1,14 @@
-"""The argparse types of the command line: each accepts what a :mod:`pyro_vae.checks` function
-accepts, and says in one line what it expected otherwise."""
+"""The flags of the command line: argparse types (each accepts what a :mod:`pyro_vae.checks`
+function accepts, and says in one line what it expected otherwise), and the names that tie the
+fields of a :class:`~pyro_vae.config.Config` to their flags."""
 
 import argparse
+import dataclasses
 import json
+import re
 
 from pyro_vae.checks import check_int, check_non_negative, check_positive
+from pyro_vae.config import Config
 from pyro_vae.devices import check_device_name
 
 
@@ -43,3 +47,33 @@ def key_value(text: str) -> tuple[str, object]:
         return name, json.loads(value)
     except json.JSONDecodeError:
         return name, value
+
+
+#: The part options of a config, and the repeatable flags that set them.
+OPTION_FLAGS = {f"{kind}_kwargs": f"{kind}-option" for kind in ("prior", "likelihood", "guide")}
+#: The argparse type of each flag made from a Config field (the choices come from CHOICES).
+FLAG_TYPES = {"seed": seed_value, "validation_seed": seed_value, "device": device_name}
+FLAG_TYPES |= {"adam_betas": non_negative_float}  # in [0, 1), as Config checks
+FLAG_NAMES = {
+    non_negative_int: "warmup_epochs validation_size plateau_patience",
+    positive_float: "lr clip_norm beta adam_eps lr_decay plateau_factor",
+    positive_int: "latent_dim hidden_dims num_particles patience epochs batch_size",
+}
+FLAG_TYPES |= {name: kind for kind, names in FLAG_NAMES.items() for name in names.split()}
+
+
+def as_flag(name: str) -> str:
+    """The flag that sets the Config field ``name``."""
+    return "--" + OPTION_FLAGS.get(name, name).replace("_", "-")
+
+
+def name_flags(message: str) -> str:
+    """``config.<field>`` in a library message as its flag (``--<kind>-option NAME=VALUE``)."""
+
+    def options(m: re.Match) -> str:
+        pairs = re.findall(r"'(\w+)': ([^,}]+)", m[2])
+        return " ".join(f"{as_flag(m[1])} {name}={value}" for name, value in pairs)
+
+    message = re.sub(rf"\bconfig\.({'|'.join(OPTION_FLAGS)})=(\{{[^{{}}]*\}})", options, message)
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return re.sub(r"\bconfig\.(\w+)", lambda m: as_flag(m[1]) if m[1] in fields else m[0], message)

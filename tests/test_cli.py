@@ -13,10 +13,11 @@ from common import with_hooks
 
 from pyro_vae import DATASETS, ELBOS, GUIDES, LIKELIHOODS, PRIORS, Config, load_run, train_run
 from pyro_vae import cli as cli_module
-from pyro_vae.cli import build_parser, main, name_flags
+from pyro_vae.cli import build_parser, main
 from pyro_vae.config import VALIDATIONS
 from pyro_vae.data import BINARIZATIONS
 from pyro_vae.estimators import AnalyticKLWarning
+from pyro_vae.flags import name_flags
 from pyro_vae.networks import ACTIVATION_CHOICES
 from pyro_vae.schedules import LR_SCHEDULES
 
