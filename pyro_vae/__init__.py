@@ -19,6 +19,7 @@ from pyro_vae.estimators import (
 )
 from pyro_vae.evaluate import Evaluation, active_units, evaluate_run, evaluate_vae
 from pyro_vae.guides import GUIDES, GuideFamily, get_guide
+from pyro_vae.hierarchical import HierarchicalVAE
 from pyro_vae.likelihoods import LIKELIHOODS, Likelihood, get_likelihood
 from pyro_vae.objectives import ELBOS, get_elbo
 from pyro_vae.priors import PRIORS, Prior, get_prior
@@ -38,6 +39,7 @@ __all__ = [
     "Evaluation",
     "GUIDES",
     "GuideFamily",
+    "HierarchicalVAE",
     "LIKELIHOODS",
     "Likelihood",
     "PRIORS",

@@ -165,7 +165,7 @@ def cmd_compare(args) -> int:
         raise UsageError(f"--draws must be at least 2 to measure a spread, got {args.draws}")
     names = "num_points batch_size objectives particles train_seconds train_particles"
     names = (*names.split(), "num_samples", "seed", "data_dir", "device")
-    options = {name: getattr(args, name) for name in names}
+    options = {name: getattr(args, name, None) for name in names}
     result = compare_run(args.run_dir, num_draws=args.draws, **options)
     paths = report.write_comparison(args.run_dir, result, args.command_line)
     if result.note:
@@ -222,7 +222,8 @@ def build_parser() -> ArgumentParser:
     arg("--num-points", type=positive_int, default=1000, help="test points M (ELBO study, scores)")
     arg("--batch-size", type=positive_int, default=128, help="minibatch of the gradient study")
     choices, help = sorted(CHOICES["elbo"]), "objectives of the gradient grid and of the training"
-    arg("--objectives", nargs="+", choices=choices, default=list(OBJECTIVES), help=help)
+    help += f" (default: those of {' '.join(OBJECTIVES)} the model can run)"
+    arg("--objectives", nargs="+", choices=choices, default=argparse.SUPPRESS, help=help)
     help = "numbers of particles K of the gradient grid"
     arg("--particles", nargs="+", type=positive_int, default=list(PARTICLES), help=help)
     help = "training seconds of each objective (0 skips the training study)"

@@ -138,7 +138,7 @@ def compare_run(
     num_draws: int = 100,
     num_points: int = 1000,
     batch_size: int = 128,
-    objectives: Sequence[str] = OBJECTIVES,
+    objectives: Sequence[str] | None = None,
     particles: Sequence[int] = PARTICLES,
     train_seconds: float = 30.0,
     train_particles: int = 5,
@@ -161,7 +161,10 @@ def compare_run(
     :param int num_draws: draws R per datapoint (ELBO) and per estimator (gradients).
     :param int num_points: test points M of the ELBO study and of the training scores.
     :param int batch_size: size of the fixed minibatch of the gradient studies.
-    :param objectives: the objectives of the gradient grid and of the training study.
+    :param objectives: the objectives of the gradient grid and of the training study; an
+        objective the model cannot run is an error. Default: those of :data:`OBJECTIVES` the
+        model can run (``stl`` and ``dreg`` need a single latent site), the others named in
+        :attr:`Comparison.note`.
     :param particles: the numbers of particles K of the gradient grid.
     :param float train_seconds: wall-clock training budget of each objective in the training
         study; 0 skips it.
@@ -197,10 +200,11 @@ def compare_run(
     x_test = select_split(dataset, "test")[:num_points]
     x_batch = select_split(dataset, "train")[:batch_size]
     settings.update(num_points=x_test.shape[0], batch_size=x_batch.shape[0])
-    objectives, particles = settings["objectives"], settings["particles"]
     sampled = sampled_kl_sites(vae.model, vae.guide, x_test)
+    notes = [no_analytic_kl_note(vae, sampled)] if sampled else []
     with fork_rng(x_test.device), pyro.validation_enabled(False):
-        _check_objectives(vae, x_batch, objectives)
+        notes += _choose_objectives(vae, x_batch, settings)
+        objectives, particles = settings["objectives"], settings["particles"]
         elbo_variance = compare_elbo_variance(vae, x_test, num_draws, seed)
         gradient_variance = compare_gradient_variance(vae, x_batch, num_draws, seed)
         grid = compare_objective_gradients(vae, x_batch, num_draws, seed, objectives, particles)
@@ -209,7 +213,7 @@ def compare_run(
         run_dir=str(run.path),
         model=model_summary(config),
         analytic_kl_available=not sampled,
-        note=no_analytic_kl_note(vae, sampled) if sampled else None,
+        note=" ".join(notes) or None,
         settings=settings,
         elbo_variance=elbo_variance,
         gradient_variance=gradient_variance,
@@ -246,14 +250,16 @@ def _settings(**settings) -> dict:
     check_int("num_draws", settings["num_draws"], minimum=2)
     check_int("num_points", settings["num_points"])
     check_int("batch_size", settings["batch_size"])
-    objectives, particles = _check_grid(settings["objectives"], settings["particles"])
+    chosen = settings["objectives"]
+    objectives, particles = _check_grid(
+        OBJECTIVES if chosen is None else chosen, settings["particles"]
+    )
     seconds = check_non_negative("train_seconds", settings["train_seconds"])
     check_int("train_particles", settings["train_particles"])
     check_int("num_samples", settings["num_samples"])
+    chosen = None if chosen is None else list(objectives)
     return (
-        settings
-        | {"objectives": list(objectives), "particles": list(particles)}
-        | {"train_seconds": seconds}
+        settings | {"objectives": chosen, "particles": list(particles)} | {"train_seconds": seconds}
     )
 
 
@@ -265,16 +271,34 @@ def _check_grid(objectives: Sequence[str], particles: Sequence[int]) -> tuple[tu
     return objectives, tuple(check_int("particles", k) for k in particles)
 
 
-def _check_objectives(vae: VAE, x: torch.Tensor, objectives: Sequence[str]) -> None:
-    """Fail now, naming the objective, if one cannot run on this model (a guide site without
-    ``rsample``, several latent sites under ``stl`` or ``dreg``), not after hours of study."""
-    for name in objectives:
-        try:
-            get_elbo(name).differentiable_loss(vae.model, vae.guide, x[:2])
-        except (ValueError, NotImplementedError) as error:
-            raise ValueError(
-                f"objective {name!r} cannot run on this model: {error}; leave it out of objectives"
-            ) from None
+def _choose_objectives(vae: VAE, x: torch.Tensor, settings: dict) -> list[str]:
+    """Set ``settings["objectives"]`` when it is ``None``: the :data:`OBJECTIVES` the model can
+    run, with a note naming the others. Given objectives are checked: fail now, naming the
+    objective, if one cannot run on this model (a guide site without ``rsample``, several
+    latent sites under ``stl`` or ``dreg``), not after hours of study."""
+    names = settings["objectives"]
+    errors = {name: _objective_error(vae, x, name) for name in names or OBJECTIVES}
+    refused = {name: error for name, error in errors.items() if error is not None}
+    if names is not None and refused:
+        name, error = next(iter(refused.items()))
+        raise ValueError(
+            f"objective {name!r} cannot run on this model: {error}; leave it out of objectives"
+        )
+    settings["objectives"] = [name for name in errors if name not in refused]
+    if not settings["objectives"]:
+        raise ValueError(f"no objective can run on this model: {refused}")
+    if not refused:
+        return []
+    return [f"left out objectives {sorted(refused)}: {next(iter(refused.values()))}."]
+
+
+def _objective_error(vae: VAE, x: torch.Tensor, name: str) -> str | None:
+    """Why objective ``name`` cannot run on this model, or ``None`` if it can."""
+    try:
+        get_elbo(name).differentiable_loss(vae.model, vae.guide, x[:2])
+    except (ValueError, NotImplementedError) as error:
+        return str(error)
+    return None
 
 
 def _check_trainable(run: Run, make_vae: Callable[[], VAE] | None) -> None:

@@ -16,6 +16,7 @@ from pyro_vae.checks import check_choice, check_int, check_positive
 from pyro_vae.data import BINARIZATIONS, DATASETS
 from pyro_vae.devices import check_device_name
 from pyro_vae.guides import GUIDES
+from pyro_vae.hierarchical import HIERARCHIES
 from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.networks import ACTIVATION_CHOICES
 from pyro_vae.objectives import ELBOS
@@ -38,6 +39,7 @@ CHOICES = {
     "dataset": DATASETS,
     "binarize": BINARIZATIONS,
     "activation": ACTIVATION_CHOICES,
+    "hierarchy": HIERARCHIES,
     "prior": PRIORS,
     "likelihood": LIKELIHOODS,
     "guide": GUIDES,
@@ -80,6 +82,19 @@ class Config:
     latent_dim: int = _setting(20, "size of the latent code z")
     hidden_dims: list[int] = _setting([400, 400], "hidden layer sizes of encoder and decoder")
     activation: str = _setting("relu", "activation of the hidden layers")
+    lower_latent_dim: int | None = _setting(
+        None,
+        "size of a second stochastic layer z1 between x and the code z2 of --latent-dim: a "
+        "two-layer hierarchical VAE (default: one layer)",
+    )
+    inner_hidden_dims: list[int] = _setting(
+        [100, 100], "hidden layer sizes of the networks between z1 and z2 (two layers only)"
+    )
+    hierarchy: str = _setting(
+        "iwae",
+        "wiring of the two layers: iwae = p(x|z1) p(z1|z2), q(z1|x) q(z2|z1); vampprior = "
+        "p(x|z1,z2) p(z1|z2), q(z2|x) q(z1|x,z2) (docs/parts.md)",
+    )
     prior: str = _setting("normal", "prior p(z)")
     likelihood: str = _setting("bernoulli", "likelihood p(x|z)")
     guide: str = _setting("diagonal", "variational family q(z|x)")
@@ -141,7 +156,7 @@ class Config:
 
     def __post_init__(self) -> None:
         # Sequences are stored as lists, as config.json reads them back.
-        for name in ("hidden_dims", "image_shape", "adam_betas"):
+        for name in ("hidden_dims", "inner_hidden_dims", "image_shape", "adam_betas"):
             value = getattr(self, name)
             if isinstance(value, tuple | range):
                 object.__setattr__(self, name, list(value))
@@ -158,6 +173,9 @@ class Config:
         check_int("warmup_epochs", self.warmup_epochs, minimum=0)
         check_int("seed", self.seed, minimum=0, maximum=2**32 - 1)
         _check_int_list("hidden_dims", self.hidden_dims)
+        _check_int_list("inner_hidden_dims", self.inner_hidden_dims)
+        if self.lower_latent_dim is not None:
+            check_int("lower_latent_dim", self.lower_latent_dim)
         check_positive("lr", self.lr)
         check_positive("beta", self.beta)
         if self.clip_norm is not None:

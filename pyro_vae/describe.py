@@ -12,6 +12,7 @@ import json
 
 from pyro_vae.config import Config
 from pyro_vae.guides import GUIDES
+from pyro_vae.hierarchical import HierarchicalVAE
 from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.priors import PRIORS
 from pyro_vae.vae import VAE
@@ -33,17 +34,25 @@ def build_vae(config: Config) -> VAE:
     if config.data_dim is None:
         raise ValueError("config.data_dim is not set; it is filled in when training starts")
     check_buildable(config.to_dict())
-    return VAE(
-        data_dim=config.data_dim,
-        latent_dim=config.latent_dim,
-        hidden_dims=config.hidden_dims,
-        activation=config.activation,
-        prior=config.prior,
-        likelihood=config.likelihood,
-        guide=config.guide,
-        prior_kwargs=config.prior_kwargs,
-        likelihood_kwargs=config.likelihood_kwargs,
-        guide_kwargs=config.guide_kwargs,
+    options = {
+        "data_dim": config.data_dim,
+        "latent_dim": config.latent_dim,
+        "hidden_dims": config.hidden_dims,
+        "activation": config.activation,
+        "prior": config.prior,
+        "likelihood": config.likelihood,
+        "guide": config.guide,
+        "prior_kwargs": config.prior_kwargs,
+        "likelihood_kwargs": config.likelihood_kwargs,
+        "guide_kwargs": config.guide_kwargs,
+    }
+    if config.lower_latent_dim is None:
+        return VAE(**options)
+    return HierarchicalVAE(
+        lower_latent_dim=config.lower_latent_dim,
+        inner_hidden_dims=config.inner_hidden_dims,
+        hierarchy=config.hierarchy,
+        **options,
     )
 
 
@@ -124,15 +133,21 @@ def describe_model(vae: VAE) -> dict:
     :param VAE vae: the model.
     :returns: ``data_dim``, ``latent_dim``, ``hidden_dims``, ``activation``, ``prior``,
         ``prior_kwargs``, ``likelihood``, ..., ``guide_kwargs`` and ``vae_class`` (the import
-        path of a VAE subclass, ``None`` for :class:`~pyro_vae.vae.VAE` itself).
+        path of a VAE subclass, ``None`` for :class:`~pyro_vae.vae.VAE` and
+        :class:`~pyro_vae.hierarchical.HierarchicalVAE`, which a config describes); for the
+        latter also ``lower_latent_dim``, ``inner_hidden_dims`` and ``hierarchy``.
     """
     fields = {
         "data_dim": vae.data_dim,
         "latent_dim": vae.latent_dim,
         "hidden_dims": list(vae.hidden_dims),
         "activation": vae.activation,
-        "vae_class": None if type(vae) is VAE else class_path(type(vae)),
+        "vae_class": None if type(vae) in (VAE, HierarchicalVAE) else class_path(type(vae)),
     }
+    if isinstance(vae, HierarchicalVAE):
+        fields["lower_latent_dim"] = vae.lower_latent_dim
+        fields["inner_hidden_dims"] = list(vae.inner_hidden_dims)
+        fields["hierarchy"] = vae.hierarchy
     parts = {"prior": vae.prior, "likelihood": vae.likelihood, "guide": vae.guide_family}
     for kind, part in parts.items():
         fields[kind], fields[f"{kind}_kwargs"] = describe_part(part, PART_REGISTRIES[kind][0])

@@ -57,7 +57,8 @@ FLAG_TYPES |= {"adam_betas": non_negative_float}  # in [0, 1), as Config checks
 FLAG_NAMES = {
     non_negative_int: "warmup_epochs validation_size plateau_patience",
     positive_float: "lr clip_norm beta adam_eps lr_decay plateau_factor",
-    positive_int: "latent_dim hidden_dims num_particles patience epochs batch_size",
+    positive_int: "latent_dim hidden_dims num_particles patience epochs batch_size "
+    "lower_latent_dim inner_hidden_dims",
 }
 FLAG_TYPES |= {name: kind for kind, names in FLAG_NAMES.items() for name in names.split()}
 

@@ -106,9 +106,15 @@ class VAE(nn.Module):
         self.prior = prior
         self.likelihood = likelihood
         self.guide_family = guide
-        self.encoder = MLP(data_dim, hidden_dims, guide.output_dim, activation)
-        self.decoder = MLP(latent_dim, hidden_dims[::-1], likelihood.output_dim, activation)
+        self.build_networks()
         self.prior.bind(self)
+
+    def build_networks(self) -> None:
+        """Build the encoder x -> q(z|x) parameters and the decoder z -> p(x|z) parameters; a
+        subclass with other networks overrides this (it runs before the prior is bound)."""
+        hidden, activation = self.hidden_dims, self.activation
+        self.encoder = MLP(self.data_dim, hidden, self.guide_family.output_dim, activation)
+        self.decoder = MLP(self.latent_dim, hidden[::-1], self.likelihood.output_dim, activation)
 
     @contextlib.contextmanager
     def kl_weight(self, weight: float) -> Iterator[None]:

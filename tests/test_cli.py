@@ -18,6 +18,7 @@ from pyro_vae.config import VALIDATIONS
 from pyro_vae.data import BINARIZATIONS
 from pyro_vae.estimators import AnalyticKLWarning
 from pyro_vae.flags import name_flags
+from pyro_vae.hierarchical import HIERARCHIES
 from pyro_vae.networks import ACTIVATION_CHOICES
 from pyro_vae.schedules import LR_SCHEDULES
 
@@ -115,6 +116,9 @@ CONFIG_FLAGS = [
     "--latent-dim",
     "--hidden-dims",
     "--activation",
+    "--lower-latent-dim",
+    "--inner-hidden-dims",
+    "--hierarchy",
     "--prior",
     "--likelihood",
     "--guide",
@@ -141,6 +145,7 @@ CONFIG_FLAGS = [
 ]
 #: How the help words a Config default of None (never "None").
 NONE_DEFAULTS = {"--clip-norm": "no clipping", "--patience": "no early stopping"}
+NONE_DEFAULTS["--lower-latent-dim"] = "one layer"
 #: The other flags, and the default their help shows (None: none, as "not given" is no value).
 OTHER_FLAGS = {
     "--out": "a new folder under runs/",
@@ -191,7 +196,7 @@ def test_help_lists_every_flag_with_default_and_choices(capsys):
         shown = re.findall(r"\(default: (.*?)\)", entries[flag])
         assert shown == ([] if default is None else [default]), entries[flag]
     registries = (DATASETS, ELBOS, GUIDES, LIKELIHOODS, PRIORS, ACTIVATION_CHOICES, VALIDATIONS)
-    registries += (LR_SCHEDULES,)
+    registries += (LR_SCHEDULES, HIERARCHIES)
     for registry in registries:
         assert "{" + ",".join(sorted(registry)) + "}" in text
     assert "{" + ",".join(sorted(BINARIZATIONS)) + "}" in text  # choices are listed sorted

@@ -19,7 +19,7 @@ from pyro_vae import (
     load_run,
 )
 from pyro_vae.cli import main
-from pyro_vae.compare import OBJECTIVES, _check_objectives
+from pyro_vae.compare import OBJECTIVES, _choose_objectives
 from pyro_vae.objectives import get_elbo
 from pyro_vae.report import format_comparison_markdown
 
@@ -240,10 +240,17 @@ def test_an_objective_the_model_cannot_run_is_refused_before_any_study():
 
     vae = types.SimpleNamespace(model=model, guide=guide)
     x = torch.ones(4)
-    _check_objectives(vae, x, ("trace",))  # score-function gradients: fine
+    settings = {"objectives": ["trace"]}
+    assert _choose_objectives(vae, x, settings) == []  # score-function gradients: fine
+    assert settings["objectives"] == ["trace"]
     match = r"objective 'stl' cannot run on this model: guide site 'z' \(Bernoulli\) has no rsample"
     with pytest.raises(ValueError, match=match + ".*; leave it out of objectives$"):
-        _check_objectives(vae, x, ("trace", "stl", "iwae"))
+        _choose_objectives(vae, x, {"objectives": ["trace", "stl", "iwae"]})
+    # By default the study takes the objectives the model can run and names the others.
+    settings = {"objectives": None}
+    (note,) = _choose_objectives(vae, x, settings)
+    assert settings["objectives"] == ["trace"]
+    assert note.startswith("left out objectives ['dreg', 'iwae', 'meanfield', 'stl']: ")
 
 
 def test_no_analytic_kl_is_said_plainly_and_the_estimators_coincide(mixture_run_dir):
