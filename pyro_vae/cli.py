@@ -22,6 +22,7 @@ from pyro_vae.flags import (
     FLAG_TYPES,
     OPTION_FLAGS,
     as_flag,
+    as_typed,
     device_name,
     key_value,
     name_flags,
@@ -30,6 +31,7 @@ from pyro_vae.flags import (
     seed_value,
 )
 from pyro_vae.plots import plot_images
+from pyro_vae.recipes import RECIPES, recipe_settings
 from pyro_vae.runs import (
     CHECKPOINTS,
     RunFolderError,
@@ -39,9 +41,11 @@ from pyro_vae.runs import (
     resume_run,
     train_run,
 )
+from pyro_vae.tensorboard import TensorBoardLogger
 
 #: The arguments ``train --resume`` may be given: the run keeps its other settings.
-RESUME_ARGS = set("resume epochs device data_dir debug verbose command func command_line".split())
+RESUME_ARGS = set("resume epochs device data_dir tensorboard debug verbose command func".split())
+RESUME_ARGS.add("command_line")
 DEBUG = {"action": "store_true", "default": argparse.SUPPRESS, "help": "show tracebacks on errors"}
 SHOW_DEFAULTS = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 SMALLER = "use smaller sizes (--batch-size, --latent-dim, --hidden-dims, --prior-components)"
@@ -60,10 +64,15 @@ class UsageError(ValueError):
 
 def add_train_parser(commands) -> None:
     help = "train a VAE by SVI and write a run folder (config, metrics, checkpoint, figures)"
-    p = commands.add_parser("train", help=help, description=help)
+    epilog = "recipes (--recipe NAME; a flag given beside it overrides the recipe's setting):\n"
+    epilog += "".join(f"  {name:28} {line}\n" for name, (line, _) in RECIPES.items())
+    raw = {"formatter_class": argparse.RawDescriptionHelpFormatter, "epilog": epilog}
+    p = commands.add_parser("train", help=help, description=help, **raw)
+    help = "set every field of a published protocol (listed below; recorded in config.json)"
+    p.add_argument("--recipe", choices=sorted(RECIPES), metavar="NAME", help=help)
     for field in (f for f in dataclasses.fields(Config) if "help" in f.metadata):
         default = field.default_factory() if field.default is dataclasses.MISSING else field.default
-        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        shown = as_typed(default)
         p.add_argument(
             as_flag(field.name),
             default=None,  # filled in from Config later, so that --resume can tell what was given
@@ -79,8 +88,11 @@ def add_train_parser(commands) -> None:
     help = "shorthand for --prior-option num_components=N (mixture and vamp priors)"
     p.add_argument("--prior-components", type=positive_int, help=help)
     p.add_argument("--out", help="run folder (default: a new folder under runs/)")
-    help = "continue the run in RUN_DIR from its last checkpoint (only --epochs, --device and "
-    p.add_argument("--resume", metavar="RUN_DIR", help=help + "--data-dir may be given with it)")
+    help = "continue the run in RUN_DIR from its last checkpoint (only --epochs, --device, "
+    help += "--data-dir and --tensorboard may be given with it)"
+    p.add_argument("--resume", metavar="RUN_DIR", help=help)
+    help = "also log every metrics column per epoch and the figures to TensorBoard in DIR"
+    p.add_argument("--tensorboard", metavar="DIR", help=help + " (needs pyro-vae[tensorboard])")
     p.add_argument("--debug", **DEBUG)  # after the command too; SUPPRESS keeps one given before
     p.set_defaults(func=cmd_train)
 
@@ -92,7 +104,15 @@ def config_from_args(args) -> Config:
         values[name] = dict(getattr(args, flag.replace("-", "_")))
     if args.prior_components is not None:
         values["prior_kwargs"]["num_components"] = args.prior_components
-    return Config(**values)
+    if args.recipe is None:
+        return Config(**values)
+    given = {name: value for name, value in values.items() if value != {}}  # options not given
+    config = Config.from_recipe(args.recipe, **given)
+    recipe = recipe_settings(args.recipe)
+    for name in config.recipe_overrides:
+        mine, theirs = as_typed(given[name]), as_typed(recipe[name])
+        print(f"recipe {args.recipe}: {as_flag(name)} {mine} overrides its {theirs}")
+    return config
 
 
 def check_resume_flags(args) -> None:
@@ -100,12 +120,13 @@ def check_resume_flags(args) -> None:
     given = [k for k, v in vars(args).items() if k not in RESUME_ARGS and v not in (None, [])]
     if given:
         raise UsageError(
-            "--resume continues a run with its own settings; only --epochs, --device and "
-            f"--data-dir may be given with it (got {as_flag(given[0])})"
+            "--resume continues a run with its own settings; only --epochs, --device, --data-dir "
+            f"and --tensorboard may be given with it (got {as_flag(given[0])})"
         )
 
 
 def cmd_train(args) -> int:
+    board = TensorBoardLogger(args.tensorboard) if args.tensorboard else None
     with tqdm(unit="epoch", disable=None, leave=False) as bar:  # shown on a terminal only
 
         def start(vae, config: Config, epoch: int) -> None:
@@ -115,6 +136,8 @@ def cmd_train(args) -> int:
         def update(row: dict) -> None:
             bar.set_postfix(train=f"{row['train_elbo']:.2f}", test=f"{row['test_elbo']:.2f}")
             bar.update(1)
+            if board is not None:
+                board.on_epoch_end(row)
 
         hooks = {"on_train_start": start, "on_epoch_end": update}
         if args.resume:
@@ -129,6 +152,9 @@ def cmd_train(args) -> int:
             if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
                 raise UsageError(f"--out {args.out} is a file, not a folder; choose another --out")
             run = train_run(config, args.out, **hooks)
+    if board is not None:
+        board.add_figures(run.path)
+        board.close()
     last = run.metrics[-1] if run.metrics else {"test_elbo": float("nan"), "epoch": 0}
     print(f"test ELBO {last['test_elbo']:.2f} nats after epoch {last['epoch']}; ", end="")
     print(f"run saved to {run.path}")
@@ -259,7 +285,15 @@ def main(argv: list[str] | None = None) -> int:
             how = f" Resume with: pyro-vae train --resume {shlex.quote(str(e.run_dir))}"
         print(f"pyro-vae: {str(e) or 'interrupted'}{how}", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, FloatingPointError, MemoryError, RuntimeError) as e:
+    except (
+        ValueError,
+        TypeError,
+        OSError,
+        ImportError,
+        FloatingPointError,
+        MemoryError,
+        RuntimeError,
+    ) as e:
         # A RuntimeError is a bug unless it is torch running out of memory: keep its traceback.
         out_of_memory = isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
         if args.debug or (isinstance(e, RuntimeError) and not out_of_memory):

@@ -21,6 +21,7 @@ from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.networks import ACTIVATION_CHOICES
 from pyro_vae.objectives import ELBOS
 from pyro_vae.priors import PRIORS
+from pyro_vae.recipes import RECIPES, recipe_settings
 from pyro_vae.schedules import LR_SCHEDULES, NEEDS_VALIDATION
 
 #: Bumped when a saved run can no longer be read by this version of the code.
@@ -46,6 +47,7 @@ CHOICES = {
     "elbo": ELBOS,
     "validation": VALIDATIONS,
     "lr_schedule": LR_SCHEDULES,
+    "recipe": RECIPES,
 }
 
 #: The parts, whose field may also hold the import path of an unregistered class.
@@ -146,6 +148,10 @@ class Config:
         "when Pyro validates distributions and traces: first_step of each epoch "
         "(fast) or every_step",
     )
+    #: The recipe of :data:`~pyro_vae.recipes.RECIPES` the settings came from
+    #: (:meth:`from_recipe`), and the fields given over it.
+    recipe: str | None = None
+    recipe_overrides: list[str] = field(default_factory=list)
     #: Filled in from the data set when training starts; needed to rebuild the model.
     data_dim: int | None = None
     image_shape: list[int] | None = None
@@ -156,7 +162,13 @@ class Config:
 
     def __post_init__(self) -> None:
         # Sequences are stored as lists, as config.json reads them back.
-        for name in ("hidden_dims", "inner_hidden_dims", "image_shape", "adam_betas"):
+        for name in (
+            "hidden_dims",
+            "inner_hidden_dims",
+            "image_shape",
+            "adam_betas",
+            "recipe_overrides",
+        ):
             value = getattr(self, name)
             if isinstance(value, tuple | range):
                 object.__setattr__(self, name, list(value))
@@ -189,7 +201,7 @@ class Config:
     def _check_names(self) -> None:
         for name, registry in CHOICES.items():
             value = getattr(self, name)
-            if name == "binarize" and value is None:
+            if name in ("binarize", "recipe") and value is None:
                 continue
             if name in PART_FIELDS and isinstance(value, str) and "." in value:
                 continue  # the import path of an unregistered part's class, as fit() records it
@@ -199,6 +211,14 @@ class Config:
                 if name != "binarize":
                     raise
                 raise ValueError(f"{e} or None") from None  # None: chosen by the likelihood
+        overrides, fields = self.recipe_overrides, {f.name for f in dataclasses.fields(self)}
+        names = isinstance(overrides, list) and all(
+            k in fields for k in overrides if isinstance(k, str)
+        )
+        if not names or (overrides and self.recipe is None):
+            raise ValueError(
+                f"recipe_overrides must name config fields given over the recipe, got {overrides!r}"
+            )
         for name in ("prior_kwargs", "likelihood_kwargs", "guide_kwargs"):
             value = getattr(self, name)
             if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
@@ -255,6 +275,23 @@ class Config:
     def to_dict(self) -> dict:
         """The fields as plain JSON values, as ``config.json`` holds them."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_recipe(cls, name: str, **given) -> Config:
+        """The config of recipe ``name`` (a key of :data:`~pyro_vae.recipes.RECIPES`), with
+        every field in ``given`` taking precedence over the recipe's value.
+
+        ``recipe_overrides`` lists the given fields whose value differs from the recipe's;
+        given fields the recipe leaves alone (``data_dir``, ``seed``) are not overrides.
+
+        >>> config = Config.from_recipe("vampprior-paper", epochs=10, seed=3)
+        >>> config.activation, config.epochs, config.recipe_overrides
+        ('gated', 10, ['epochs'])
+        """
+        settings = recipe_settings(name)
+        config = cls(**(settings | given | {"recipe": name}))
+        overrides = sorted(k for k in given if k in settings and getattr(config, k) != settings[k])
+        return dataclasses.replace(config, recipe_overrides=overrides)
 
     @classmethod
     def from_dict(cls, data: dict) -> Config:

@@ -63,6 +63,14 @@ FLAG_NAMES = {
 FLAG_TYPES |= {name: kind for kind, names in FLAG_NAMES.items() for name in names.split()}
 
 
+def as_typed(value: object) -> str:
+    """``value`` as it is typed after its flag: a list as its items (``400 400``), options as
+    ``NAME=VALUE`` pairs."""
+    if isinstance(value, dict):
+        return " ".join(f"{name}={json.dumps(v)}" for name, v in value.items())
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def as_flag(name: str) -> str:
     """The flag that sets the Config field ``name``."""
     return "--" + OPTION_FLAGS.get(name, name).replace("_", "-")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from pyro_vae.runs import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("train", "objectives", "logpx", "evaluate", "peer", "profile")
 
@@ -155,6 +157,28 @@ def test_mnist_results_script_tiny(tmp_path):
     ]  # fmt: skip
     study = json.loads((tmp_path / "results" / "comparison.json").read_text())
     assert list(study["training"]["curves"]) == ["trace", "meanfield", "stl", "iwae", "dreg"]
+
+
+def test_reproduce_script_tiny_labels_budget_runs_and_resumes_them(tmp_path):
+    env = os.environ | {"TINY": "1", "OUT": str(tmp_path)}
+    first = run_script("bash", "benchmarks/reproduce.sh", env=env)
+    assert first.returncode == 0, first.stderr
+    again = run_script("bash", "benchmarks/reproduce.sh", "", "vampprior-paper-vamp",
+                       env=env | {"EPOCHS": "2"})  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    runs = tmp_path / "runs"
+    assert len(read_metrics(runs / "reproduce-vampprior-paper-vamp")) == 2  # resumed
+    table = (tmp_path / "results" / "reproduce.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| vampprior-paper-vamp"]
+    cells = table[2].split(" | ")
+    assert cells[1].startswith("`vampprior-paper-vamp`, given: ") and "epochs" in cells[1]
+    assert cells[2] == "-82.43" and "(K=10, 300 images)" in cells[3] and cells[4] == "2"
+    assert cells[5] == "**stopped by the budget** at 2 of 2000 epochs"
+    assert "CPU cores" in cells[7]
+    (first_row,) = [line for line in first.stdout.splitlines() if line.startswith("| iwae")]
+    assert first_row.startswith("| iwae-paper-2layer-k50 | `iwae-paper-2layer`")
+    assert "at 1 of 3280 epochs" in first_row
+    assert (tmp_path / "results" / "reproduce_curves.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize(

@@ -157,6 +157,8 @@ OTHER_FLAGS = {
     "--likelihood-option": None,
     "--guide-option": None,
     "--debug": None,
+    "--recipe": None,
+    "--tensorboard": None,
 }
 
 

@@ -60,6 +60,8 @@ WRONG_TYPE = {
     "data_dim": ("64", "must be a positive integer or None"),
     "image_shape": ("8x8", "must be [height, width]"),
     "vae_class": (3, "must be an import path or None"),
+    "recipe": (3, "choose one of ['iwae-paper'"),
+    "recipe_overrides": ("epochs", "must name config fields given over the recipe"),
     "format_version": ("1", f"reads format_version {FORMAT_VERSION}"),
 }
 
@@ -102,6 +104,8 @@ OUT_OF_RANGE = {
     "data_dim": [(0, "must be a positive integer or None")],
     "image_shape": [([8], "[height, width]"), ([0, 8], "[height, width]"), ([8, 9], "pixels")],
     "format_version": [(FORMAT_VERSION + 1, f"reads format_version {FORMAT_VERSION}")],
+    "recipe": [("burda", "choose one of ['iwae-paper'")],
+    "recipe_overrides": [(["epochs", "nope"], "must name config fields given over the recipe")],
 }
 
 #: A valid value other than the default, per field: what the bad values are measured against.
@@ -144,6 +148,8 @@ GOOD_VALUES = {
     "data_dim": 64,
     "image_shape": [4, 16],
     "vae_class": "mypackage.MyVAE",
+    "recipe": "iwae-paper",
+    "recipe_overrides": ["epochs", "dataset"],
     "format_version": FORMAT_VERSION,
 }
 
@@ -282,9 +288,10 @@ def test_an_old_config_json_without_the_filled_in_fields_loads():
 def test_user_settings_carry_the_help_of_their_flag():
     with_help = {f.name for f in dataclasses.fields(Config) if "help" in f.metadata}
     filled_in = {"data_dim", "image_shape", "vae_class", "format_version"}
+    filled_in |= {"recipe", "recipe_overrides"}  # by Config.from_recipe (--recipe)
     options = {"prior_kwargs", "likelihood_kwargs", "guide_kwargs"}
     assert with_help == {f.name for f in dataclasses.fields(Config)} - filled_in - options
-    assert set(CHOICES) <= with_help
+    assert set(CHOICES) - {"recipe"} <= with_help
 
 
 def test_model_summary_names_the_model_of_a_run():

@@ -140,7 +140,10 @@ FAILING_CALLS = {
     "evaluate": (["evaluate", "MISSING", "--num-samples", "2"], None),
     "compare": (["compare", "MISSING", "--draws", "2"], ["compare", "MISSING", "--draws", "1"]),
 }
-USAGE_MATCHES = {"train": "only --epochs, --device and --data-dir", "compare": "--draws must be"}
+USAGE_MATCHES = {
+    "train": "only --epochs, --device, --data-dir and --tensorboard",
+    "compare": "--draws must be",
+}
 
 
 @pytest.mark.parametrize("command", sorted(FAILING_CALLS))
@@ -302,7 +305,10 @@ def test_truncated_config_or_metrics_is_a_one_line_error_on_resume(run_copy, cap
 @pytest.mark.parametrize(
     "args, match",
     [
-        (["--lr", "0.1"], "only --epochs, --device and --data-dir may be given with it .*--lr"),
+        (
+            ["--lr", "0.1"],
+            "only --epochs, --device, --data-dir and --tensorboard may be given with it .*--lr",
+        ),
         (["--prior-components", "3"], "may be given with it \\(got --prior-components\\)"),
         (["--out", "elsewhere"], "may be given with it \\(got --out\\)"),
         (["--epochs", "1"], "--epochs 1 is fewer than the 2 epochs already trained"),
