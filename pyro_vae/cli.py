@@ -27,11 +27,13 @@ from pyro_vae.flags import (
     key_value,
     name_flags,
     non_negative_float,
+    override_lines,
     positive_int,
+    recipes_epilog,
     seed_value,
 )
 from pyro_vae.plots import plot_images
-from pyro_vae.recipes import RECIPES, recipe_settings
+from pyro_vae.recipes import RECIPES
 from pyro_vae.runs import (
     CHECKPOINTS,
     RunFolderError,
@@ -48,6 +50,9 @@ RESUME_ARGS = set("resume epochs device data_dir tensorboard debug verbose comma
 RESUME_ARGS.add("command_line")
 DEBUG = {"action": "store_true", "default": argparse.SUPPRESS, "help": "show tracebacks on errors"}
 SHOW_DEFAULTS = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+#: The errors shown as one line (a RuntimeError only when it is torch running out of memory).
+ONE_LINE_ERRORS = (ValueError, TypeError, OSError, ImportError, FloatingPointError, MemoryError)
+ONE_LINE_ERRORS += (RuntimeError,)
 SMALLER = "use smaller sizes (--batch-size, --latent-dim, --hidden-dims, --prior-components)"
 
 
@@ -64,9 +69,7 @@ class UsageError(ValueError):
 
 def add_train_parser(commands) -> None:
     help = "train a VAE by SVI and write a run folder (config, metrics, checkpoint, figures)"
-    epilog = "recipes (--recipe NAME; a flag given beside it overrides the recipe's setting):\n"
-    epilog += "".join(f"  {name:28} {line}\n" for name, (line, _) in RECIPES.items())
-    raw = {"formatter_class": argparse.RawDescriptionHelpFormatter, "epilog": epilog}
+    raw = {"formatter_class": argparse.RawDescriptionHelpFormatter, "epilog": recipes_epilog()}
     p = commands.add_parser("train", help=help, description=help, **raw)
     help = "set every field of a published protocol (listed below; recorded in config.json)"
     p.add_argument("--recipe", choices=sorted(RECIPES), metavar="NAME", help=help)
@@ -108,10 +111,7 @@ def config_from_args(args) -> Config:
         return Config(**values)
     given = {name: value for name, value in values.items() if value != {}}  # options not given
     config = Config.from_recipe(args.recipe, **given)
-    recipe = recipe_settings(args.recipe)
-    for name in config.recipe_overrides:
-        mine, theirs = as_typed(given[name]), as_typed(recipe[name])
-        print(f"recipe {args.recipe}: {as_flag(name)} {mine} overrides its {theirs}")
+    print(*override_lines(config, given), sep="\n", end="\n" if config.recipe_overrides else "")
     return config
 
 
@@ -285,15 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             how = f" Resume with: pyro-vae train --resume {shlex.quote(str(e.run_dir))}"
         print(f"pyro-vae: {str(e) or 'interrupted'}{how}", file=sys.stderr)
         return 130
-    except (
-        ValueError,
-        TypeError,
-        OSError,
-        ImportError,
-        FloatingPointError,
-        MemoryError,
-        RuntimeError,
-    ) as e:
+    except ONE_LINE_ERRORS as e:
         # A RuntimeError is a bug unless it is torch running out of memory: keep its traceback.
         out_of_memory = isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
         if args.debug or (isinstance(e, RuntimeError) and not out_of_memory):

@@ -10,6 +10,7 @@ import re
 from pyro_vae.checks import check_int, check_non_negative, check_positive
 from pyro_vae.config import Config
 from pyro_vae.devices import check_device_name
+from pyro_vae.recipes import RECIPES, recipe_settings
 
 
 def number(convert, what: str, check, **bounds):
@@ -86,3 +87,22 @@ def name_flags(message: str) -> str:
     message = re.sub(rf"\bconfig\.({'|'.join(OPTION_FLAGS)})=(\{{[^{{}}]*\}})", options, message)
     fields = {f.name for f in dataclasses.fields(Config)}
     return re.sub(r"\bconfig\.(\w+)", lambda m: as_flag(m[1]) if m[1] in fields else m[0], message)
+
+
+def recipes_epilog() -> str:
+    """The end of ``pyro-vae train --help``: every recipe with its one line."""
+    lines = [f"  {name:28} {line}\n" for name, (line, _) in RECIPES.items()]
+    return (
+        "recipes (--recipe NAME; a flag given beside it overrides the recipe's setting):\n"
+        + "".join(lines)
+    )
+
+
+def override_lines(config: Config, given: dict) -> list[str]:
+    """One line per field given over ``config.recipe``: the flag, its value and the recipe's."""
+    recipe = recipe_settings(config.recipe) if config.recipe else {}
+    return [
+        f"recipe {config.recipe}: {as_flag(name)} {as_typed(given[name])} overrides its "
+        f"{as_typed(recipe[name])}"
+        for name in config.recipe_overrides
+    ]
