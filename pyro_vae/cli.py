@@ -21,6 +21,8 @@ from pyro_vae.evaluate import evaluate_run, fix_malloc_threshold
 from pyro_vae.flags import (
     FLAG_TYPES,
     OPTION_FLAGS,
+    add_ais_flags,
+    ais_options,
     as_flag,
     device_name,
     key_value,
@@ -150,8 +152,19 @@ def cmd_sample(args) -> int:
 
 def cmd_evaluate(args) -> int:
     names = ("split", "limit", "data_dir", "device", "checkpoint")
-    options = {name: getattr(args, name, None) for name in names}
-    result = evaluate_run(args.run_dir, num_samples=args.num_samples, seed=args.seed, **options)
+    options = {name: getattr(args, name, None) for name in names} | {"ais": ais_options(args)}
+    shown = [None]  # the phase on the bar
+    with tqdm(disable=None, leave=False, unit="step") as bar:  # shown on a terminal only
+
+        def on_step(phase: str, done: int, total: int) -> None:
+            if shown[0] != phase or done < bar.n:  # a new phase, or the reverse pass of BDMC
+                shown[0] = phase
+                bar.reset(total)
+                bar.set_description_str(phase)
+            bar.update(done - bar.n)
+
+        options |= {"num_samples": args.num_samples, "seed": args.seed, "on_step": on_step}
+        result = evaluate_run(args.run_dir, **options)
     print(f"model of {result.model['checkpoint']} (epoch {result.model['epochs']})")
     name = report.evaluation_file(args.split, args.limit)
     path = report.write_evaluation(args.run_dir, result, name)
@@ -211,11 +224,12 @@ def build_parser() -> ArgumentParser:
     arg("--cols", type=positive_int, default=8, help="images per row of the grid")
     # SUPPRESS: no "(default: None)" after the default the help gives; args.out is then unset.
     arg("--out", default=argparse.SUPPRESS, help="PNG path (default: RUN_DIR/sample_grid.png)")
-    help = "ELBO, importance-weighted log p(x), bits/dim and active units of a trained run"
+    help = "ELBO, importance-weighted log p(x) (and AIS), bits/dim, active units of a trained run"
     arg = add_run_command(commands, cmd_evaluate, help, run_flags)
     arg("--num-samples", type=positive_int, default=5000, help="importance samples K for log p(x)")
     arg("--split", choices=["test", "train"], default="test", help="data split")
     arg("--limit", type=positive_int, default=None, help="evaluate only the first N datapoints")
+    add_ais_flags(arg)
     help = "the estimator study: ELBO and gradient variance, gradient SNR by objective and K, "
     arg = add_run_command(commands, cmd_compare, help + "training curves, log p(x)", run_flags)
     arg("--draws", type=positive_int, default=100, help="draws R per estimate")

@@ -1,15 +1,18 @@
 """The flags of the command line: argparse types (each accepts what a :mod:`pyro_vae.checks`
-function accepts, and says in one line what it expected otherwise), and the names that tie the
-fields of a :class:`~pyro_vae.config.Config` to their flags."""
+function accepts, and says in one line what it expected otherwise), the names that tie the
+fields of a :class:`~pyro_vae.config.Config` to their flags, and the AIS flags of
+``pyro-vae evaluate``."""
 
 import argparse
 import dataclasses
 import json
 import re
 
+from pyro_vae.ais import INITIALS
 from pyro_vae.checks import check_int, check_non_negative, check_positive
 from pyro_vae.config import Config
 from pyro_vae.devices import check_device_name
+from pyro_vae.evaluate import AIS_CHAINS, AIS_LEAPFROG_STEPS, AIS_STEPS, BDMC_POINTS
 
 
 def number(convert, what: str, check, **bounds):
@@ -77,3 +80,27 @@ def name_flags(message: str) -> str:
     message = re.sub(rf"\bconfig\.({'|'.join(OPTION_FLAGS)})=(\{{[^{{}}]*\}})", options, message)
     fields = {f.name for f in dataclasses.fields(Config)}
     return re.sub(r"\bconfig\.(\w+)", lambda m: as_flag(m[1]) if m[1] in fields else m[0], message)
+
+
+def add_ais_flags(arg) -> None:
+    """Add the AIS flags of ``pyro-vae evaluate`` with ``arg``, a parser's ``add_argument``."""
+    arg("--ais", action="store_true", help="also log p(x) by AIS with HMC, and the BDMC gap")
+    help = "AIS transitions T (intermediate distributions), one row each (with --ais)"
+    arg("--ais-steps", nargs="+", type=positive_int, default=list(AIS_STEPS), help=help)
+    arg("--ais-chains", type=positive_int, default=AIS_CHAINS, help="AIS chains per datapoint")
+    help = "HMC leapfrog steps per AIS transition"
+    arg("--ais-leapfrog-steps", type=positive_int, default=AIS_LEAPFROG_STEPS, help=help)
+    arg("--ais-initial", choices=INITIALS, default="guide", help="where the AIS chains start")
+    help = "data points simulated from the model for the BDMC gap (0: none)"
+    arg("--bdmc-points", type=non_negative_int, default=BDMC_POINTS, help=help)
+
+
+def ais_options(args) -> dict | None:
+    """The AIS options of :func:`~pyro_vae.evaluate.evaluate_run` from the parsed flags."""
+    if not args.ais:
+        return None
+    names = ("num_steps", "num_chains", "num_leapfrog_steps", "initial")
+    flags = ("ais_steps", "ais_chains", "ais_leapfrog_steps", "ais_initial")
+    return {name: getattr(args, flag) for name, flag in zip(names, flags, strict=True)} | {
+        "bdmc_points": args.bdmc_points
+    }
