@@ -1,5 +1,13 @@
 """pyro_vae: variational autoencoders written as Pyro model/guide pairs."""
 
+from pyro_vae.ais import (
+    AISResult,
+    BDMCResult,
+    annealed_importance_sampling,
+    bidirectional_monte_carlo,
+    estimate_log_likelihood_ais,
+    simulate_data,
+)
 from pyro_vae.compare import (
     Comparison,
     compare_elbo_variance,
@@ -30,6 +38,8 @@ from pyro_vae.vae import VAE
 __version__ = "0.1.0"
 
 __all__ = [
+    "AISResult",
+    "BDMCResult",
     "Comparison",
     "Config",
     "DATASETS",
@@ -47,6 +57,8 @@ __all__ = [
     "Run",
     "VAE",
     "active_units",
+    "annealed_importance_sampling",
+    "bidirectional_monte_carlo",
     "compare_elbo_variance",
     "compare_gradient_variance",
     "compare_objective_gradients",
@@ -55,6 +67,7 @@ __all__ = [
     "estimate_elbo",
     "estimate_elbo_terms",
     "estimate_log_likelihood",
+    "estimate_log_likelihood_ais",
     "estimate_log_likelihood_curve",
     "evaluate_elbo",
     "evaluate_run",
@@ -68,5 +81,6 @@ __all__ = [
     "load_dataset",
     "load_run",
     "resume_run",
+    "simulate_data",
     "train_run",
 ]

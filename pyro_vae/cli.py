@@ -19,23 +19,25 @@ from pyro_vae.config import CHOICES, Config
 from pyro_vae.devices import resolve_device
 from pyro_vae.evaluate import evaluate_run, fix_malloc_threshold
 from pyro_vae.flags import (
+    DEBUG,
     FLAG_TYPES,
     OPTION_FLAGS,
+    ArgumentParser,
+    add_ais_flags,
+    ais_options,
     as_flag,
     as_typed,
-    device_name,
     key_value,
     name_flags,
     non_negative_float,
     override_lines,
     positive_int,
     recipes_epilog,
-    seed_value,
+    run_folder_flags,
 )
 from pyro_vae.plots import plot_images
 from pyro_vae.recipes import RECIPES
 from pyro_vae.runs import (
-    CHECKPOINTS,
     RunFolderError,
     RunInterrupted,
     holds_run,
@@ -48,19 +50,11 @@ from pyro_vae.tensorboard import TensorBoardLogger
 #: The arguments ``train --resume`` may be given: the run keeps its other settings.
 RESUME_ARGS = set("resume epochs device data_dir tensorboard debug verbose command func".split())
 RESUME_ARGS.add("command_line")
-DEBUG = {"action": "store_true", "default": argparse.SUPPRESS, "help": "show tracebacks on errors"}
 SHOW_DEFAULTS = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 #: The errors shown as one line (a RuntimeError only when it is torch running out of memory).
 ONE_LINE_ERRORS = (ValueError, TypeError, OSError, ImportError, FloatingPointError, MemoryError)
 ONE_LINE_ERRORS += (RuntimeError,)
 SMALLER = "use smaller sizes (--batch-size, --latent-dim, --hidden-dims, --prior-components)"
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """An argparse parser whose usage errors are one line, not the whole usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 class UsageError(ValueError):
@@ -176,8 +170,19 @@ def cmd_sample(args) -> int:
 
 def cmd_evaluate(args) -> int:
     names = ("split", "limit", "data_dir", "device", "checkpoint")
-    options = {name: getattr(args, name, None) for name in names}
-    result = evaluate_run(args.run_dir, num_samples=args.num_samples, seed=args.seed, **options)
+    options = {name: getattr(args, name, None) for name in names} | {"ais": ais_options(args)}
+    shown = [None]  # the phase on the bar
+    with tqdm(disable=None, leave=False, unit="step") as bar:  # shown on a terminal only
+
+        def on_step(phase: str, done: int, total: int) -> None:
+            if shown[0] != phase or done < bar.n:  # a new phase, or the reverse pass of BDMC
+                shown[0] = phase
+                bar.reset(total)
+                bar.set_description_str(phase)
+            bar.update(done - bar.n)
+
+        options |= {"num_samples": args.num_samples, "seed": args.seed, "on_step": on_step}
+        result = evaluate_run(args.run_dir, **options)
     print(f"model of {result.model['checkpoint']} (epoch {result.model['epochs']})")
     name = report.evaluation_file(args.split, args.limit)
     path = report.write_evaluation(args.run_dir, result, name)
@@ -201,22 +206,6 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def run_folder_flags(data: bool = True) -> ArgumentParser:
-    """The parent parser of the commands that read a run folder (``--data-dir``: and its data)."""
-    p = ArgumentParser(add_help=False)
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by 'pyro-vae train'")
-    p.add_argument("--device", default="cpu", type=device_name, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=seed_value, default=0, help="random seed")
-    if data:
-        p.add_argument("--data-dir", default=None, help="overrides the data folder of the run")
-    help = "best.pt (highest valid_elbo) or checkpoint.pt (last epoch) (default: best if any)"
-    p.add_argument(
-        "--checkpoint", choices=sorted(CHECKPOINTS), default=argparse.SUPPRESS, help=help
-    )
-    p.add_argument("--debug", **DEBUG)
-    return p
-
-
 def add_run_command(commands, func, help: str, parent: ArgumentParser):
     name = func.__name__.removeprefix("cmd_")
     p = commands.add_parser(name, help=help, description=help, parents=[parent], **SHOW_DEFAULTS)
@@ -237,11 +226,12 @@ def build_parser() -> ArgumentParser:
     arg("--cols", type=positive_int, default=8, help="images per row of the grid")
     # SUPPRESS: no "(default: None)" after the default the help gives; args.out is then unset.
     arg("--out", default=argparse.SUPPRESS, help="PNG path (default: RUN_DIR/sample_grid.png)")
-    help = "ELBO, importance-weighted log p(x), bits/dim and active units of a trained run"
+    help = "ELBO, importance-weighted log p(x) (and AIS), bits/dim, active units of a trained run"
     arg = add_run_command(commands, cmd_evaluate, help, run_flags)
     arg("--num-samples", type=positive_int, default=5000, help="importance samples K for log p(x)")
     arg("--split", choices=["test", "train"], default="test", help="data split")
     arg("--limit", type=positive_int, default=None, help="evaluate only the first N datapoints")
+    add_ais_flags(arg)
     help = "the estimator study: ELBO and gradient variance, gradient SNR by objective and K, "
     arg = add_run_command(commands, cmd_compare, help + "training curves, log p(x)", run_flags)
     arg("--draws", type=positive_int, default=100, help="draws R per estimate")

@@ -221,7 +221,7 @@ def estimate_elbo_terms(
     [1] `Auto-Encoding Variational Bayes`, Diederik P. Kingma, Max Welling (ICLR 2014).
     """
     num_particles = check_int("num_particles", num_particles)
-    plan = _plan(
+    plan = plan_passes(
         x, num_particles, plate_name, max_plate_nesting, chunk_size, batch_size, max_elements
     )
     missing_kl: dict[str, str] = {}
@@ -387,7 +387,9 @@ def estimate_log_likelihood_curve(
     ([1, 10, 100], torch.Size([5]))
     """
     ks = _check_ks(ks)
-    plan = _plan(x, ks[-1], plate_name, max_plate_nesting, chunk_size, batch_size, max_elements)
+    plan = plan_passes(
+        x, ks[-1], plate_name, max_plate_nesting, chunk_size, batch_size, max_elements
+    )
     results: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in ks}
     with torch.no_grad():
         for x_batch in x.split(plan.batch_size):
@@ -404,11 +406,11 @@ def _importance_batch(
     guide: PyroFunction,
     x: torch.Tensor,
     ks: tuple[int, ...],
-    plan: _Plan,
+    plan: PassPlan,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """The IWAE estimates and standard errors of one batch of rows for every K in ``ks``: the
     first K of ``max(ks)`` draws, made ``plan.chunk_size`` at a time."""
-    accumulators = {k: _RunningLogMeanExp() for k in ks}
+    accumulators = {k: RunningLogMeanExp() for k in ks}
     offset = 0
     for num in _chunks(ks[-1], plan.chunk_size):
         log_lik, kl, _ = _trace_pass(model, guide, x, num, plan, False)
@@ -421,8 +423,9 @@ def _importance_batch(
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """How the draws for ``x`` are split into vectorized passes, and the plates they run in."""
+class PassPlan:
+    """How the draws for ``x`` are split into vectorized passes, and the plates they run in
+    (shared with :mod:`pyro_vae.ais`, whose draws are its chains)."""
 
     num_rows: int
     plate_name: str
@@ -431,7 +434,7 @@ class _Plan:
     batch_size: int
 
 
-def _plan(
+def plan_passes(
     x: torch.Tensor,
     num: int,
     plate_name: str,
@@ -439,8 +442,9 @@ def _plan(
     chunk_size: int | None,
     batch_size: int | None,
     max_elements: int | None,
-) -> _Plan:
-    """Check the options of an estimator and choose the passes for ``num`` draws per row."""
+) -> PassPlan:
+    """Check the options of an estimator and choose the passes for ``num`` draws per row
+    (``chunk_size=num`` keeps all draws of a row in one pass)."""
     _check_data(x)
     if max_elements is None:
         max_elements = default_max_elements(x.device)
@@ -451,7 +455,7 @@ def _plan(
             f"plate_name {PARTICLES_PLATE!r} is reserved for the draws; rename the data plate"
         )
     chunk_size, batch_size = _chunk_sizes(x, num, chunk_size, batch_size, max_elements)
-    return _Plan(x.shape[0], plate_name, max_plate_nesting, chunk_size, batch_size)
+    return PassPlan(x.shape[0], plate_name, max_plate_nesting, chunk_size, batch_size)
 
 
 @dataclass
@@ -469,7 +473,7 @@ def _trace_pass(
     guide: PyroFunction,
     x: torch.Tensor,
     num_particles: int,
-    plan: _Plan,
+    plan: PassPlan,
     analytic_kl: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, _Sites]:
     """One vectorized pass: trace the guide under the particles plate, replay the model.
@@ -493,7 +497,7 @@ def _trace_pass(
             continue
         to_shape = per_datapoint_reducer(site, plan.plate_name, plan.max_plate_nesting + 1, shape)
         if site["is_observed"]:
-            log_lik = log_lik + to_shape(_unscaled_log_prob(site))
+            log_lik = log_lik + to_shape(unscaled_log_prob(site))
             sites.observed += (name,)
             continue
         guide_site = guide_trace.nodes[name]
@@ -505,29 +509,29 @@ def _trace_pass(
         if analytic_kl:
             p, q = type(site["fn"]).__name__, type(guide_site["fn"]).__name__
             sites.missing_kl[name] = f"q is {q}, p is {p}"
-        kl = kl + to_shape(_unscaled_log_prob(guide_site)) - to_shape(_unscaled_log_prob(site))
+        kl = kl + to_shape(unscaled_log_prob(guide_site)) - to_shape(unscaled_log_prob(site))
         sites.sampled += (name,)
     return log_lik, kl, sites
 
 
 def _traces(
-    model: PyroFunction, guide: PyroFunction, x: torch.Tensor, num_particles: int, plan: _Plan
+    model: PyroFunction, guide: PyroFunction, x: torch.Tensor, num_particles: int, plan: PassPlan
 ) -> tuple[poutine.Trace, poutine.Trace]:
     """The model trace replayed against the guide trace, both under the particles plate."""
     dim = -(plan.max_plate_nesting + 1)
     particles = pyro.plate(PARTICLES_PLATE, num_particles, dim=dim)
-    with _contract_errors("guide(x)", x, num_particles, dim, plan):
+    with contract_errors("guide(x)", x, num_particles, dim, plan):
         guide_trace = poutine.trace(particles(guide)).get_trace(x)
     particles = pyro.plate(PARTICLES_PLATE, num_particles, dim=dim)
     replayed = poutine.replay(particles(model), trace=guide_trace)
-    with _contract_errors("model(x), replayed on the guide's draws,", x, num_particles, dim, plan):
+    with contract_errors("model(x), replayed on the guide's draws,", x, num_particles, dim, plan):
         model_trace = poutine.trace(replayed).get_trace(x)
     return model_trace, guide_trace
 
 
 @contextlib.contextmanager
-def _contract_errors(
-    role: str, x: torch.Tensor, num_particles: int, dim: int, plan: _Plan
+def contract_errors(
+    role: str, x: torch.Tensor, num_particles: int, dim: int, plan: PassPlan
 ) -> Iterator[None]:
     """Re-raise a shape error of torch or Pyro inside the block as a :class:`ValueError` that
     names the model/guide contract; every other error passes unchanged."""
@@ -593,7 +597,7 @@ def _warn_sampled_kl(missing_kl: dict[str, str]) -> None:
         )
 
 
-def _unscaled_log_prob(site: dict) -> torch.Tensor:
+def unscaled_log_prob(site: dict) -> torch.Tensor:
     """The site's log-density with its mask applied but not its scale (see the module notes)."""
     return scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
 
@@ -613,16 +617,7 @@ def per_datapoint_reducer(
     :raises ValueError: naming the site when it is outside the data plate or has more batch
         dims than its plates.
     """
-    data_dim = None
-    for frame in site["cond_indep_stack"]:
-        if frame.name == plate_name and frame.vectorized:
-            data_dim = frame.dim
-    if data_dim is None:
-        raise ValueError(
-            f"sample site {site['name']!r} is not inside a vectorized pyro.plate({plate_name!r})"
-            f"; put every sample site under one plate over datapoints, or pass its name as "
-            f"plate_name"
-        )
+    data_dim = data_plate_dim(site, plate_name)
 
     def reduce(value: torch.Tensor) -> torch.Tensor:
         if value.dim() > num_dims:
@@ -637,6 +632,20 @@ def per_datapoint_reducer(
         return value.reshape(value.shape[0], value.shape[data_dim]).expand(shape)
 
     return reduce
+
+
+def data_plate_dim(site: dict, plate_name: str) -> int:
+    """The dim (negative, counted from the right of the batch shape) of the site's data plate.
+
+    :raises ValueError: naming the site when it is outside a vectorized plate of that name.
+    """
+    for frame in site["cond_indep_stack"]:
+        if frame.name == plate_name and frame.vectorized:
+            return frame.dim
+    raise ValueError(
+        f"sample site {site['name']!r} is not inside a vectorized pyro.plate({plate_name!r}); "
+        "put every sample site under one plate over datapoints, or pass its name as plate_name"
+    )
 
 
 def check_sites(
@@ -747,8 +756,9 @@ class RunningMoments:
         return (self.variance() / self.count).sqrt()
 
 
-class _RunningLogMeanExp:
-    """``log mean exp`` over dim 0 of the chunks it is fed, and its delta-method stderr."""
+class RunningLogMeanExp:
+    """``log mean exp`` over dim 0 of the chunks it is fed, and its delta-method stderr (see
+    :func:`estimate_log_likelihood`)."""
 
     def __init__(self):
         self.count = 0

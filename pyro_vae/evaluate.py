@@ -14,12 +14,18 @@ evaluation of it sees the same binary images.
 passes per datapoint, drawn once for all the reported K (see
 :func:`~pyro_vae.estimators.estimate_log_likelihood_curve`). The estimators run with Pyro's
 validation off, for speed. Memory stays near the estimators' per-pass budget whatever the
-number of datapoints, because they chunk draws and datapoints.
+number of datapoints, because they chunk draws and datapoints. With ``ais``, annealed
+importance sampling (:mod:`pyro_vae.ais`) costs about ``2 * num_chains * num_steps *
+num_leapfrog_steps`` decoder passes per datapoint for each reported T, and BDMC twice that per
+simulated datapoint; it then dominates.
 
 References:
 
 [1] `Importance Weighted Autoencoders`, Yuri Burda, Roger Grosse, Ruslan Salakhutdinov
     (ICLR 2016): the log p(x) estimator and the active-units statistic (appendix).
+
+[2] `On the Quantitative Analysis of Decoder-Based Generative Models`, Yuhuai Wu, Yuri Burda,
+    Ruslan Salakhutdinov, Roger Grosse (ICLR 2017): AIS and BDMC to evaluate a decoder.
 """
 
 from __future__ import annotations
@@ -31,13 +37,19 @@ import resource
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
 import torch
 
+from pyro_vae.ais import (
+    AISResult,
+    annealed_importance_sampling,
+    bidirectional_monte_carlo,
+    simulate_data,
+)
 from pyro_vae.checks import check_choice, check_int
 from pyro_vae.config import model_summary
 from pyro_vae.data import SPLITS, Dataset, resolve_binarize, select_split
@@ -53,6 +65,16 @@ from pyro_vae.vae import VAE
 
 #: The numbers of importance samples always reported (those not above ``num_samples``).
 DEFAULT_KS = (1, 10, 100, 1000)
+
+#: The AIS settings of an evaluation: transitions T (one row each), chains C per datapoint,
+#: leapfrog steps per transition and simulated datapoints of the BDMC gap.
+AIS_STEPS = (100, 500)
+AIS_CHAINS = 8
+AIS_LEAPFROG_STEPS = 5
+BDMC_POINTS = 100
+
+#: ``on_step(phase, done, total)``: progress of a long evaluation, for a progress bar.
+ProgressHook = Callable[[str, int, int], None]
 
 #: A latent dimension is active when the variance over the data of E_q[z_d] exceeds this.
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -94,6 +116,7 @@ class Evaluation:
     note: str | None
     seconds: dict
     peak_memory_mb: float
+    ais: dict | None = None
     run_dir: str | None = None
     dataset: str | None = None
     split: str | None = None
@@ -120,6 +143,8 @@ def evaluate_run(
     limit: int | None = None,
     num_elbo_particles: int = 10,
     checkpoint: str | None = None,
+    ais: dict | None = None,
+    on_step: ProgressHook | None = None,
 ) -> Evaluation:
     """Evaluate a trained run on one split of its data set (see :func:`evaluate_vae`).
 
@@ -137,6 +162,9 @@ def evaluate_run(
     :param str checkpoint: for a run folder, the checkpoint to evaluate, as for
         :func:`~pyro_vae.runs.load_run`: ``"best"``, ``"last"`` or ``None``, the best when the
         run has one (``best.pt``), else the last.
+    :param dict ais: also estimate log p(x) by AIS: the options of :func:`evaluate_ais` (``{}``
+        for its defaults); ``None`` skips it.
+    :param on_step: progress of AIS, as ``on_step(phase, done, total)``.
     :returns: the :class:`Evaluation`, with the run's path, data set, split, binarization and
         model description (with the epoch and file of the checkpoint evaluated).
 
@@ -155,7 +183,8 @@ def evaluate_run(
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, a Dataset or None, got {type(x).__name__}")
     x = x[:limit].to(device=parameter.device, dtype=parameter.dtype)
-    result = evaluate_vae(run.vae, x, num_samples, seed=seed, num_elbo_particles=num_elbo_particles)
+    options = {"seed": seed, "num_elbo_particles": num_elbo_particles, "ais": ais}
+    result = evaluate_vae(run.vae, x, num_samples, **options, on_step=on_step)
     return dataclasses.replace(
         result,
         run_dir=str(run.path),
@@ -196,6 +225,8 @@ def evaluate_vae(
     num_elbo_particles: int = 10,
     ks: Sequence[int] = DEFAULT_KS,
     active_threshold: float = ACTIVE_UNIT_THRESHOLD,
+    ais: dict | None = None,
+    on_step: ProgressHook | None = None,
 ) -> Evaluation:
     """Evaluate a VAE on the datapoints ``x``; every number is per datapoint, in nats.
 
@@ -221,6 +252,9 @@ def evaluate_vae(
       ``threshold`` and the per-dimension ``variances``. For a guide without a closed-form mean
       (a flow), E_q[z_d | x] is the mean of ``num_mean_samples`` draws and the variance is
       corrected for their Monte Carlo noise (``posterior_mean`` says which).
+    - ``ais`` (with ``ais``, else ``None``): log p(x) by annealed importance sampling, its
+      paired difference to the IWAE estimate at ``num_samples`` and the BDMC gap on simulated
+      data, as :func:`evaluate_ais` describes.
     - ``seconds`` (total and per part) and ``peak_memory_mb`` (the process's peak resident
       memory so far, from :func:`resource.getrusage`).
 
@@ -231,6 +265,9 @@ def evaluate_vae(
     :param int num_elbo_particles: draws per datapoint of each ELBO estimator.
     :param ks: further numbers of importance samples to report.
     :param float active_threshold: variance threshold of an active unit.
+    :param dict ais: the options of :func:`evaluate_ais` (``{}`` for its defaults), or ``None``
+        to skip AIS.
+    :param on_step: progress of AIS, as ``on_step(phase, done, total)``.
     :returns: the :class:`Evaluation` (without what was evaluated: that is
         :func:`evaluate_run`'s).
 
@@ -253,10 +290,14 @@ def evaluate_vae(
         times.append(time.perf_counter())
         active = active_units(vae, x, active_threshold)
         times.append(time.perf_counter())
-    parts = ("elbo", "log_likelihood", "active_units")
+        if ais is not None:
+            iwae = (num_samples, curve[num_samples][0])
+            ais = evaluate_ais(vae, x, **ais, iwae=iwae, on_step=on_step)
+            times.append(time.perf_counter())
+    parts = ("elbo", "log_likelihood", "active_units", "ais")
     seconds = {part: end - begin for part, begin, end in zip(parts, times, times[1:])}
     seconds["total"] = times[-1] - times[0]
-    log_likelihood = [_log_likelihood_row(k, *curve[k]) for k in ks]
+    log_likelihood = [{"k": k, **_estimate_summary(*curve[k])} for k in ks]
     best = log_likelihood[-1]
     data_dim = x[0].numel()
     notes = [elbos.pop("note")] if "note" in elbos else []
@@ -278,6 +319,7 @@ def evaluate_vae(
         note=" ".join(notes) or None,
         seconds=seconds,
         peak_memory_mb=peak_memory_mb(),
+        ais=ais,
     )
 
 
@@ -335,14 +377,97 @@ def _elbo_summary(terms: ELBOTerms) -> dict:
     }
 
 
-def _log_likelihood_row(k: int, estimate: torch.Tensor, stderr: torch.Tensor) -> dict:
+def _estimate_summary(estimate: torch.Tensor, stderr: torch.Tensor) -> dict:
+    """Mean and spread over datapoints of per-datapoint log p(x) estimates and their Monte
+    Carlo standard errors (see :func:`evaluate_vae`)."""
     return {
-        "k": k,
         "mean": estimate.mean().item(),
         "stderr": stderr_of_mean(estimate),
         "mc_stderr_mean": finite_or_none(stderr.mean()),
         "mc_stderr": finite_or_none(stderr.pow(2).mean().sqrt() / math.sqrt(len(stderr))),
     }
+
+
+def evaluate_ais(
+    vae: VAE,
+    x: torch.Tensor,
+    num_steps: Sequence[int] = AIS_STEPS,
+    num_chains: int = AIS_CHAINS,
+    *,
+    initial: str = "guide",
+    num_leapfrog_steps: int = AIS_LEAPFROG_STEPS,
+    bdmc_points: int = BDMC_POINTS,
+    iwae: tuple[int, torch.Tensor] | None = None,
+    on_step: ProgressHook | None = None,
+) -> dict:
+    """log p(x) of a VAE by annealed importance sampling for each T in ``num_steps``, and the
+    BDMC gap of the same settings on data simulated from the model.
+
+    Each row has the ``num_steps`` T, the estimate's ``mean``, ``stderr``, ``mc_stderr_mean``
+    and ``mc_stderr`` (as the IWAE rows of :func:`evaluate_vae`), the mean
+    ``acceptance_rate`` and final ``step_size`` of HMC, ``seconds``, with ``iwae`` the paired
+    ``minus_iwae`` difference (AIS - IWAE: positive where AIS is the tighter lower bound), and
+    with ``bdmc_points`` the ``bdmc`` sandwich on that many datapoints simulated from the model
+    (once, for all rows): the mean ``lower`` and ``upper`` bounds and their ``gap`` (mean and
+    stderr over the simulated datapoints).
+
+    :param VAE vae: the model.
+    :param torch.Tensor x: data of shape ``(N, data_dim)``.
+    :param num_steps: the numbers of AIS transitions to report.
+    :param int num_chains: chains per datapoint.
+    :param str initial: ``"guide"`` or ``"prior"``, where the chains start.
+    :param int num_leapfrog_steps: leapfrog steps per HMC transition.
+    :param int bdmc_points: simulated datapoints for BDMC (at most N); 0 skips it.
+    :param iwae: ``(K, estimates)``: the IWAE estimates of ``x`` to compare with.
+    :param on_step: progress, as ``on_step(phase, done, total)``.
+    :returns: the settings and one row per T, as plain JSON values.
+    """
+    steps = sorted({check_int("every T in num_steps", t) for t in num_steps})
+    bdmc_points = min(check_int("bdmc_points", bdmc_points, minimum=0), x.shape[0])
+    options = {"initial": initial, "num_leapfrog_steps": num_leapfrog_steps}
+    simulated = simulate_data(vae.model, x[:bdmc_points]) if bdmc_points else None
+    rows = []
+    for t in steps:
+        hook = _phase_hook(on_step, f"AIS T={t}")
+        start = time.perf_counter()
+        result = annealed_importance_sampling(
+            vae.model, vae.guide, x, t, num_chains, **options, on_step=hook
+        )
+        row = {"num_steps": t, **_ais_summary(result), "seconds": time.perf_counter() - start}
+        if iwae is not None:
+            difference = result.log_likelihood - iwae[1]
+            row["minus_iwae"] = {"k": iwae[0], "mean": difference.mean().item()}
+            row["minus_iwae"]["stderr"] = stderr_of_mean(difference)
+        if simulated is not None:
+            hook, start = _phase_hook(on_step, f"BDMC T={t}"), time.perf_counter()
+            bdmc = bidirectional_monte_carlo(
+                vae.model, vae.guide, *simulated, t, num_chains, **options, on_step=hook
+            )
+            row["bdmc"] = {
+                "num_points": bdmc_points,
+                "lower": bdmc.lower.log_likelihood.mean().item(),
+                "upper": bdmc.upper.log_likelihood.mean().item(),
+                "gap": bdmc.gap.mean().item(),
+                "gap_stderr": stderr_of_mean(bdmc.gap),
+                "seconds": time.perf_counter() - start,
+            }
+        rows.append(row)
+    return {"num_chains": num_chains, **options, "schedule": "sigmoid", "rows": rows}
+
+
+def _ais_summary(result: AISResult) -> dict:
+    return {
+        **_estimate_summary(result.log_likelihood, result.stderr),
+        "acceptance_rate": finite_or_none(result.acceptance_rate.mean()),
+        "step_size": result.step_size.mean().item(),
+    }
+
+
+def _phase_hook(on_step: ProgressHook | None, phase: str):
+    """``on_step`` as the ``(done, total)`` hook of one phase of the evaluation."""
+    if on_step is None:
+        return None
+    return lambda done, total: on_step(phase, done, total)
 
 
 @torch.no_grad()

@@ -1,16 +1,20 @@
 """The flags of the command line: argparse types (each accepts what a :mod:`pyro_vae.checks`
-function accepts, and says in one line what it expected otherwise), and the names that tie the
-fields of a :class:`~pyro_vae.config.Config` to their flags."""
+function accepts, and says in one line what it expected otherwise), the names that tie the
+fields of a :class:`~pyro_vae.config.Config` to their flags, and the AIS flags of
+``pyro-vae evaluate``."""
 
 import argparse
 import dataclasses
 import json
 import re
 
+from pyro_vae.ais import INITIALS
 from pyro_vae.checks import check_int, check_non_negative, check_positive
 from pyro_vae.config import Config
 from pyro_vae.devices import check_device_name
+from pyro_vae.evaluate import AIS_CHAINS, AIS_LEAPFROG_STEPS, AIS_STEPS, BDMC_POINTS
 from pyro_vae.recipes import RECIPES, recipe_settings
+from pyro_vae.runs import CHECKPOINTS
 
 
 def number(convert, what: str, check, **bounds):
@@ -106,3 +110,54 @@ def override_lines(config: Config, given: dict) -> list[str]:
         f"{as_typed(recipe[name])}"
         for name in config.recipe_overrides
     ]
+
+
+def add_ais_flags(arg) -> None:
+    """Add the AIS flags of ``pyro-vae evaluate`` with ``arg``, a parser's ``add_argument``."""
+    arg("--ais", action="store_true", help="also log p(x) by AIS with HMC, and the BDMC gap")
+    help = "AIS transitions T (intermediate distributions), one row each (with --ais)"
+    arg("--ais-steps", nargs="+", type=positive_int, default=list(AIS_STEPS), help=help)
+    arg("--ais-chains", type=positive_int, default=AIS_CHAINS, help="AIS chains per datapoint")
+    help = "HMC leapfrog steps per AIS transition"
+    arg("--ais-leapfrog-steps", type=positive_int, default=AIS_LEAPFROG_STEPS, help=help)
+    arg("--ais-initial", choices=INITIALS, default="guide", help="where the AIS chains start")
+    help = "data points simulated from the model for the BDMC gap (0: none)"
+    arg("--bdmc-points", type=non_negative_int, default=BDMC_POINTS, help=help)
+
+
+def ais_options(args) -> dict | None:
+    """The AIS options of :func:`~pyro_vae.evaluate.evaluate_run` from the parsed flags."""
+    if not args.ais:
+        return None
+    names = ("num_steps", "num_chains", "num_leapfrog_steps", "initial")
+    flags = ("ais_steps", "ais_chains", "ais_leapfrog_steps", "ais_initial")
+    return {name: getattr(args, flag) for name, flag in zip(names, flags, strict=True)} | {
+        "bdmc_points": args.bdmc_points
+    }
+
+
+#: The --debug flag, also after a command; SUPPRESS keeps one given before it.
+DEBUG = {"action": "store_true", "default": argparse.SUPPRESS, "help": "show tracebacks on errors"}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line, not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def run_folder_flags(data: bool = True) -> ArgumentParser:
+    """The parent parser of the commands that read a run folder (``--data-dir``: and its data)."""
+    p = ArgumentParser(add_help=False)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by 'pyro-vae train'")
+    p.add_argument("--device", default="cpu", type=device_name, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=seed_value, default=0, help="random seed")
+    if data:
+        p.add_argument("--data-dir", default=None, help="overrides the data folder of the run")
+    help = "best.pt (highest valid_elbo) or checkpoint.pt (last epoch) (default: best if any)"
+    p.add_argument(
+        "--checkpoint", choices=sorted(CHECKPOINTS), default=argparse.SUPPRESS, help=help
+    )
+    p.add_argument("--debug", **DEBUG)
+    return p

@@ -105,6 +105,8 @@ def _evaluation_rows(result: Evaluation) -> list[tuple[str, str, str, str]]:
                 _fmt(row["mc_stderr"]),
             )
         )
+    if result.ais:
+        rows += _ais_rows(result.ais)
     rows.append((f"bits/dim (K={result.bits_per_dim_k})", _fmt(result.bits_per_dim, 4), "", ""))
     active = result.active_units
     rows.append(
@@ -115,6 +117,22 @@ def _evaluation_rows(result: Evaluation) -> list[tuple[str, str, str, str]]:
             "",
         )
     )
+    return rows
+
+
+def _ais_rows(ais: dict) -> list[tuple[str, str, str, str]]:
+    """Per number of transitions T: the AIS estimate, its difference to IWAE and the BDMC gap."""
+    rows = []
+    for row in ais["rows"]:
+        label = f"log p(x), AIS T={row['num_steps']} C={ais['num_chains']} ({ais['initial']})"
+        rows.append((label, _fmt(row["mean"]), _fmt(row["stderr"]), _fmt(row["mc_stderr"])))
+        if "minus_iwae" in row:
+            gap = row["minus_iwae"]
+            rows.append((f"  AIS - IWAE K={gap['k']}", _fmt(gap["mean"]), _fmt(gap["stderr"]), ""))
+        if "bdmc" in row:
+            bdmc = row["bdmc"]
+            label = f"  BDMC gap, {bdmc['num_points']} simulated"
+            rows.append((label, _fmt(bdmc["gap"]), _fmt(bdmc["gap_stderr"]), ""))
     return rows
 
 

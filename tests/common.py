@@ -1,9 +1,13 @@
-"""Helpers shared by the test files: tiny settings, metrics without timings, CLI error checks."""
+"""Helpers shared by the test files: tiny settings, metrics without timings, CLI error checks,
+and models with exact answers (a linear-Gaussian model, a 1-D latent integrated on a grid)."""
 
 from __future__ import annotations
 
 import functools
+import math
 
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
@@ -122,3 +126,160 @@ def craft_valid_elbos(monkeypatch, values: list[float], num_valid: int) -> None:
         return next(values) if x.shape[0] == num_valid else original(vae, x, *args)
 
     monkeypatch.setattr(train, "evaluate_elbo", crafted)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models with exact answers, for the estimators of log p(x).
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def tolerance(dtype):
+    return {"rtol": 1e-5, "atol": 1e-3} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-9}
+
+
+def assert_within_stderr(estimate, exact, stderr, num_stderr=4.5, atol=0.0):
+    """Every datapoint's estimate is within ``num_stderr`` standard errors of the exact value."""
+    bound = num_stderr * stderr + atol
+    assert torch.isfinite(stderr).all() and (stderr > 0).all()
+    assert ((estimate - exact).abs() <= bound).all(), (estimate - exact) / stderr
+
+
+class LinearGaussian:
+    """z ~ N(0, I_d), x | z ~ N(W z + b, sigma^2 I_D): every quantity has a closed form."""
+
+    def __init__(
+        self, latent_dim=2, data_dim=5, sigma=0.7, dtype=torch.float64, nested=False, shift=0.5
+    ):
+        generator = torch.Generator().manual_seed(1)
+        self.W = torch.randn(data_dim, latent_dim, generator=generator, dtype=dtype)
+        self.b = torch.randn(data_dim, generator=generator, dtype=dtype)
+        self.sigma = sigma
+        self.latent_dim, self.data_dim = latent_dim, data_dim
+        self.nested = nested
+        self.shift = shift
+        eye = torch.eye(latent_dim, dtype=dtype)
+        self.post_cov = torch.linalg.inv(eye + self.W.T @ self.W / sigma**2)
+
+    def sample(self, num_data):
+        z = torch.randn(num_data, self.latent_dim, dtype=self.W.dtype)
+        return z @ self.W.T + self.b + self.sigma * torch.randn(num_data, self.data_dim).to(z)
+
+    def model(self, x):
+        eye = torch.eye(self.latent_dim, dtype=x.dtype)
+        prior = dist.MultivariateNormal(x.new_zeros(self.latent_dim), eye)
+        with pyro.plate("data", x.shape[0], dim=-2 if self.nested else -1):
+            z = pyro.sample("z", prior)
+            loc = z @ self.W.T + self.b
+            if self.nested:  # pixels as a plate inside the data plate: z has batch shape (N, 1)
+                with pyro.plate("pixels", self.data_dim, dim=-1):
+                    pyro.sample("x", dist.Normal(loc.squeeze(-2), self.sigma), obs=x)
+            else:
+                pyro.sample("x", dist.Normal(loc, self.sigma).to_event(1), obs=x)
+        return z
+
+    def post_loc(self, x):
+        return (x - self.b) @ self.W @ self.post_cov / self.sigma**2
+
+    def exact_guide(self, x):
+        loc = self.post_loc(x).unsqueeze(-2) if self.nested else self.post_loc(x)
+        with pyro.plate("data", x.shape[0], dim=-2 if self.nested else -1):
+            pyro.sample("z", dist.MultivariateNormal(loc, covariance_matrix=self.post_cov))
+
+    def poor_guide_params(self, x):
+        """A diagonal guide, shifted and too wide: far enough from the posterior to matter."""
+        scale = 1.5 * self.post_cov.diagonal().sqrt().expand(x.shape[0], -1)
+        return self.post_loc(x) + self.shift, scale
+
+    def poor_guide(self, x):
+        loc, scale = self.poor_guide_params(x)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    def log_joint(self, x, z):
+        """log p(x, z) in closed form, z of shape (..., N, d)."""
+        prior = dist.Normal(torch.zeros_like(z), 1.0).to_event(1).log_prob(z)
+        return dist.Normal(z @ self.W.T + self.b, self.sigma).to_event(1).log_prob(x) + prior
+
+    def log_likelihood(self, x):
+        cov = self.W @ self.W.T + self.sigma**2 * torch.eye(self.data_dim, dtype=x.dtype)
+        return dist.MultivariateNormal(self.b, cov).log_prob(x)
+
+    def elbo(self, x, loc, cov):
+        """Closed-form reconstruction and KL for q = N(loc, cov), cov of shape (N, d, d)."""
+        residual = x - loc @ self.W.T - self.b
+        trace_wsw = torch.einsum("ij,njk,ik->n", self.W, cov, self.W)
+        reconstruction = -0.5 * self.data_dim * math.log(2 * math.pi * self.sigma**2) - (
+            residual.pow(2).sum(-1) + trace_wsw
+        ) / (2 * self.sigma**2)
+        kl = 0.5 * (
+            cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+            + loc.pow(2).sum(-1)
+            - self.latent_dim
+            - torch.logdet(cov)
+        )
+        return reconstruction, kl
+
+
+class BernoulliTanh:
+    """A 1-D latent and 30 binary pixels with logits a * tanh(w z + c), integrated on a grid."""
+
+    def __init__(self, num_pixels=30, mixture_prior=False):
+        generator = torch.Generator().manual_seed(2)
+        self.a = 3 * torch.rand(num_pixels, generator=generator, dtype=torch.float64) + 1
+        self.w = 2 * torch.randn(num_pixels, generator=generator, dtype=torch.float64)
+        self.c = torch.randn(num_pixels, generator=generator, dtype=torch.float64)
+        self.mixture_prior = mixture_prior
+        self.grid = torch.linspace(-12, 12, 20001, dtype=torch.float64)
+        self.guide_table = None
+
+    def prior(self):
+        if self.mixture_prior:
+            components = dist.Normal(
+                torch.tensor([[-1.5], [1.0]], dtype=torch.float64),
+                torch.tensor([[0.5], [0.8]], dtype=torch.float64),
+            ).to_event(1)
+            weights = dist.Categorical(torch.tensor([0.3, 0.7], dtype=torch.float64))
+            return dist.MixtureSameFamily(weights, components)
+        return dist.Normal(torch.zeros(1, dtype=torch.float64), 1.0).to_event(1)
+
+    def likelihood(self, z):
+        return dist.Bernoulli(logits=self.a * torch.tanh(self.w * z + self.c)).to_event(1)
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", self.prior())
+            pyro.sample("x", self.likelihood(z), obs=x)
+
+    def sample(self, num_data):
+        return self.likelihood(self.prior().sample((num_data,))).sample()
+
+    def log_joint_on_grid(self, x):
+        """log p(x_n, z_g) of shape (grid, N)."""
+        z = self.grid[:, None, None]
+        return self.likelihood(z).log_prob(x) + self.prior().log_prob(z)
+
+    def log_likelihood(self, x):
+        step = self.grid[1] - self.grid[0]
+        return self.log_joint_on_grid(x).logsumexp(0) + step.log()
+
+    def fit_guide(self, x):
+        """A Normal guide near, not at, each posterior: moments from the grid, then perturbed."""
+        log_joint = self.log_joint_on_grid(x)
+        post = (log_joint - log_joint.logsumexp(0)).exp()
+        mean = (post * self.grid[:, None]).sum(0)
+        std = (post * (self.grid[:, None] - mean) ** 2).sum(0).sqrt()
+        self.guide_table = (x, mean + 0.3 * std, 1.2 * std)
+
+    def guide(self, x):
+        table, loc, scale = self.guide_table
+        rows = torch.cdist(x, table).argmin(1)  # the guide must work on any slice of x
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc[rows, None], scale[rows, None]).to_event(1))
+
+    def elbo(self, x):
+        """Grid integral of E_q[log p(x, z) - log q(z|x)] for the fitted guide."""
+        _, loc, scale = self.guide_table
+        step = self.grid[1] - self.grid[0]
+        log_q = dist.Normal(loc, scale).log_prob(self.grid[:, None])
+        return (log_q.exp() * (self.log_joint_on_grid(x) - log_q)).sum(0) * step

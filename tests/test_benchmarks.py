@@ -152,6 +152,8 @@ def test_mnist_results_script_tiny(tmp_path):
     for run in (*runs, "mnist-iwae-k50", "mnist-dreg-k50"):
         assert {f"{run}-metrics.csv", f"{run}-evaluation.json"} <= files
     assert {"comparison.json", "comparison.md", "mixture_log_prob.json"} <= files
+    ais = json.loads((tmp_path / "results" / "mnist-ais-evaluation.json").read_text())["ais"]
+    assert [row["num_steps"] for row in ais["rows"]] == [3, 10] and "bdmc" in ais["rows"][0]
     assert {"comparison_curves.png", "comparison_snr.png"} <= files
     metrics = (tmp_path / "results" / "mnist-dreg-k50-metrics.csv").read_text().splitlines()
     assert metrics[0].split(",")[:7] == [

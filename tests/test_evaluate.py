@@ -94,6 +94,7 @@ def test_evaluation_as_dict_is_evaluation_json_in_its_order(result):
         "note",
         "seconds",
         "peak_memory_mb",
+        "ais",
     ]
     assert data["model"] == {
         "dataset": "digits",
@@ -347,6 +348,49 @@ def test_cli_evaluate_writes_json_atomically_and_prints_a_table(run_dir, capsys)
     assert (run_dir / EVALUATION_FILE).read_bytes() == full
 
 
+def test_evaluate_with_ais_reports_each_budget_its_iwae_gap_and_the_bdmc_gap(run_dir, digits):
+    vae = load_run(run_dir).vae
+    x = digits.test_x[:12]
+    ais = {"num_steps": [10, 3], "num_chains": 2, "bdmc_points": 5}
+    result = evaluate_vae(vae, x, num_samples=20, ks=(1,), ais=ais)
+    assert result.ais["num_chains"] == 2 and result.ais["initial"] == "guide"
+    rows = result.ais["rows"]
+    assert [row["num_steps"] for row in rows] == [3, 10]
+    iwae = result.log_likelihood[-1]
+    for row in rows:
+        assert row["minus_iwae"]["k"] == 20
+        # The paired mean difference is the difference of the means.
+        assert row["minus_iwae"]["mean"] == pytest.approx(row["mean"] - iwae["mean"], abs=1e-4)
+        assert 0 < row["acceptance_rate"] <= 1 and row["step_size"] > 0
+        bdmc = row["bdmc"]
+        assert bdmc["num_points"] == 5 and bdmc["gap_stderr"] > 0
+        assert bdmc["gap"] == pytest.approx(bdmc["upper"] - bdmc["lower"], abs=1e-4)
+    seconds = result.seconds
+    parts = ("elbo", "log_likelihood", "active_units", "ais")
+    assert sum(seconds[p] for p in parts) == pytest.approx(seconds["total"], rel=1e-9)
+    assert json.loads(json.dumps(result.as_dict(), allow_nan=False))["ais"] == result.ais
+    # The same seed repeats every number; without ais there is no AIS entry.
+    again = evaluate_vae(vae, x, num_samples=20, ks=(1,), ais=ais)
+    assert [r["mean"] for r in again.ais["rows"]] == [r["mean"] for r in rows]
+    assert evaluate_vae(vae, x, num_samples=20, ks=(1,)).ais is None
+
+
+def test_cli_evaluate_ais_adds_rows_and_shows_progress_only_on_a_terminal(run_dir, capsys):
+    argv = ["evaluate", str(run_dir), "--num-samples", "5", "--limit", "8", "--ais"]
+    argv += ["--ais-steps", "4", "--ais-chains", "2", "--bdmc-points", "4"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert (
+        "log p(x), AIS T=4 C=2 (guide)" in captured.out and "BDMC gap, 4 simulated" in captured.out
+    )
+    assert "AIS - IWAE K=5" in captured.out and captured.err == ""
+    saved = json.loads((run_dir / "evaluation-first8.json").read_text())
+    assert saved["ais"]["rows"][0]["num_steps"] == 4 and "bdmc" in saved["ais"]["rows"][0]
+    assert main([*argv, "--bdmc-points", "0"]) == 0
+    saved = json.loads((run_dir / "evaluation-first8.json").read_text())
+    assert "bdmc" not in saved["ais"]["rows"][0] and capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -354,6 +398,11 @@ def test_cli_evaluate_writes_json_atomically_and_prints_a_table(run_dir, capsys)
         (["--limit", "-3"], "--limit: expected a positive integer"),
         (["--split", "valid"], "--split: invalid choice"),
         (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--ais", "--ais-steps", "0"], "--ais-steps: expected a positive integer, got '0'"),
+        (["--ais", "--ais-chains", "0"], "--ais-chains: expected a positive integer, got '0'"),
+        (["--ais-leapfrog-steps", "-1"], "--ais-leapfrog-steps: expected a positive integer"),
+        (["--ais-initial", "posterior"], "--ais-initial: invalid choice: 'posterior'"),
+        (["--bdmc-points", "-1"], "--bdmc-points: expected a non-negative integer, got '-1'"),
     ],
 )
 def test_cli_evaluate_bad_values_exit_2_with_one_line(run_dir, capsys, flags, message):

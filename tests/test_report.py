@@ -151,6 +151,21 @@ def test_format_evaluation_is_an_aligned_table():
     assert with_note.startswith("data  split, N=300")
 
 
+def test_format_evaluation_puts_the_ais_rows_after_the_iwae_rows():
+    row = {"num_steps": 100, "mean": -27.0, "stderr": 0.5, "mc_stderr": 0.02}
+    row |= {"minus_iwae": {"k": 100, "mean": 0.25, "stderr": 0.01}}
+    row |= {"bdmc": {"num_points": 50, "gap": 0.125, "gap_stderr": 0.03}}
+    ais = {"num_chains": 8, "initial": "guide", "rows": [row, {**row, "num_steps": 500}]}
+    lines = format_evaluation(evaluation(ais=ais)).splitlines()
+    assert "-27.25" in lines[8] and lines[9].startswith("log p(x), AIS T=100 C=8 (guide)")
+    assert lines[9].split()[-3:] == ["-27.00", "0.50", "0.02"]
+    assert lines[10].split() == ["AIS", "-", "IWAE", "K=100", "0.25", "0.01"]
+    assert lines[11].split() == ["BDMC", "gap,", "50", "simulated", "0.12", "0.03"]
+    assert lines[12].startswith("log p(x), AIS T=500") and lines[15].startswith("bits/dim")
+    widths = {len(line) for line in lines[2:4]}
+    assert len(widths) == 1  # the table stays aligned with the longer labels
+
+
 # -- markdown and figures -------------------------------------------------------------------------
 
 
