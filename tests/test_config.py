@@ -18,7 +18,7 @@ from pyro_vae.config import CHOICES, FORMAT_VERSION, model_summary
 BASE = {"data_dim": 64}
 
 #: Fields whose values are free-form strings (a path, an import path): no range to leave.
-FREE_STRINGS = {"data_dir", "vae_class"}
+FREE_STRINGS = {"data_dir", "vae_class", "backend"}
 
 #: One value of the wrong type per field, and a piece of what the error says is allowed.
 WRONG_TYPE = {
@@ -57,6 +57,8 @@ WRONG_TYPE = {
     "data_dim": ("64", "must be a positive integer or None"),
     "image_shape": ("8x8", "must be [height, width]"),
     "vae_class": (3, "must be an import path or None"),
+    "world_size": (2.0, "must be a positive integer"),
+    "backend": (1, "must be a process-group backend or None"),
     "format_version": ("1", f"reads format_version {FORMAT_VERSION}"),
 }
 
@@ -94,6 +96,7 @@ OUT_OF_RANGE = {
     "device": [("gpu", "choose auto, cpu, cuda or cuda:N"), ("mps", "cuda:N")],
     "validation": [("never", "choose one of ['every_step', 'first_step']")],
     "data_dim": [(0, "must be a positive integer or None")],
+    "world_size": [(0, "must be a positive integer")],
     "image_shape": [([8], "[height, width]"), ([0, 8], "[height, width]"), ([8, 9], "pixels")],
     "format_version": [(FORMAT_VERSION + 1, f"reads format_version {FORMAT_VERSION}")],
 }
@@ -135,6 +138,8 @@ GOOD_VALUES = {
     "data_dim": 64,
     "image_shape": [4, 16],
     "vae_class": "mypackage.MyVAE",
+    "world_size": 2,
+    "backend": "gloo",
     "format_version": FORMAT_VERSION,
 }
 
@@ -272,7 +277,7 @@ def test_an_old_config_json_without_the_filled_in_fields_loads():
 
 def test_user_settings_carry_the_help_of_their_flag():
     with_help = {f.name for f in dataclasses.fields(Config) if "help" in f.metadata}
-    filled_in = {"data_dim", "image_shape", "vae_class", "format_version"}
+    filled_in = {"data_dim", "image_shape", "vae_class", "world_size", "backend", "format_version"}
     options = {"prior_kwargs", "likelihood_kwargs", "guide_kwargs"}
     assert with_help == {f.name for f in dataclasses.fields(Config)} - filled_in - options
     assert set(CHOICES) <= with_help
