@@ -13,10 +13,11 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyro_vae import report
+from pyro_vae import distributed, report
 from pyro_vae.compare import OBJECTIVES, PARTICLES, compare_run
 from pyro_vae.config import CHOICES, Config
 from pyro_vae.devices import resolve_device
+from pyro_vae.distributed import WorldSizeError
 from pyro_vae.evaluate import evaluate_run, fix_malloc_threshold
 from pyro_vae.flags import (
     DEBUG,
@@ -42,6 +43,7 @@ from pyro_vae.runs import (
     RunInterrupted,
     holds_run,
     load_run,
+    restarted_run,
     resume_run,
     train_run,
 )
@@ -120,8 +122,10 @@ def check_resume_flags(args) -> None:
 
 
 def cmd_train(args) -> int:
-    board = TensorBoardLogger(args.tensorboard) if args.tensorboard else None
-    with tqdm(unit="epoch", disable=None, leave=False) as bar:  # shown on a terminal only
+    main_process = distributed.is_main_process()  # of the processes torchrun started, rank 0
+    board = TensorBoardLogger(args.tensorboard) if args.tensorboard and main_process else None
+    # Shown on a terminal only, by rank 0 only.
+    with tqdm(unit="epoch", disable=None if main_process else True, leave=False) as bar:
 
         def start(vae, config: Config, epoch: int) -> None:
             bar.reset(total=config.epochs)
@@ -134,12 +138,16 @@ def cmd_train(args) -> int:
                 board.on_epoch_end(row)
 
         hooks = {"on_train_start": start, "on_epoch_end": update}
+        options = {"epochs": args.epochs, "device": args.device, "data_dir": args.data_dir}
         if args.resume:
             check_resume_flags(args)
-            options = {"epochs": args.epochs, "device": args.device, "data_dir": args.data_dir}
             run = resume_run(args.resume, **options, **hooks)
+        elif restarted_run(args.out):  # torchrun restarted this job after a failure
+            run = resume_run(args.out, **options, **hooks)
         else:
             config = config_from_args(args)
+            if distributed.max_restarts() and not args.out:
+                raise UsageError("torchrun --max-restarts needs --out, the run a restart resumes")
             if args.out and holds_run(args.out):
                 how = f"continue it with --resume {shlex.quote(args.out)} or choose another --out"
                 raise UsageError(f"{args.out} already holds a run; {how}")
@@ -150,8 +158,9 @@ def cmd_train(args) -> int:
         board.add_figures(run.path)
         board.close()
     last = run.metrics[-1] if run.metrics else {"test_elbo": float("nan"), "epoch": 0}
-    print(f"test ELBO {last['test_elbo']:.2f} nats after epoch {last['epoch']}; ", end="")
-    print(f"run saved to {run.path}")
+    if main_process:
+        print(f"test ELBO {last['test_elbo']:.2f} nats after epoch {last['epoch']}; ", end="")
+        print(f"run saved to {run.path}")
     return 0
 
 
@@ -257,11 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = shlex.join(["pyro-vae", *argv])
     fix_malloc_threshold()
     warnings.formatwarning = lambda message, *_: f"pyro-vae: warning: {name_flags(str(message))}\n"
-    level = logging.INFO if args.verbose else logging.WARNING
+    quiet = not distributed.is_main_process()  # torchrun's other processes show errors only
+    if quiet:
+        warnings.simplefilter("ignore")
+    level = logging.INFO if args.verbose and not quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(name)s: %(message)s")
     try:
         return args.func(args)
-    except (UsageError, RunFolderError) as e:
+    except (UsageError, RunFolderError, WorldSizeError) as e:
         if args.debug:
             raise
         command = f"pyro-vae {args.command}"

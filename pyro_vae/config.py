@@ -158,6 +158,11 @@ class Config:
     #: Filled in by training: the import path of the VAE subclass trained (a custom model),
     #: ``None`` for :class:`~pyro_vae.vae.VAE` itself.
     vae_class: str | None = None
+    #: Filled in by training: the processes that trained the run together (``torchrun``; see
+    #: :mod:`pyro_vae.distributed`) and the backend of their process group (``None`` for a
+    #: single process).
+    world_size: int | None = None
+    backend: str | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -225,6 +230,12 @@ class Config:
                 raise ValueError(f"{name} must be a dict of options by name, got {value!r}")
         if self.vae_class is not None and not isinstance(self.vae_class, str):
             raise ValueError(f"vae_class must be an import path or None, got {self.vae_class!r}")
+        if self.world_size is not None:
+            check_int("world_size", self.world_size)
+        if self.backend is not None and not isinstance(self.backend, str):
+            raise ValueError(
+                f"backend must be a process-group backend or None, got {self.backend!r}"
+            )
         if not isinstance(self.device, str):
             raise ValueError(f"device must be a string such as 'cpu', got {self.device!r}")
         check_device_name(self.device)

@@ -29,11 +29,12 @@ from pathlib import Path
 import pyro
 import torch
 
+from pyro_vae import distributed
 from pyro_vae.checks import check_choice
 from pyro_vae.config import FORMAT_VERSION, Config
 from pyro_vae.data import Dataset, load_dataset, resolve_binarize
 from pyro_vae.describe import build_vae, check_buildable, describe_model
-from pyro_vae.devices import get_rng_state, resolve_device
+from pyro_vae.devices import get_rng_state
 from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.plots import run_figures, save_figures
 from pyro_vae.vae import VAE
@@ -193,6 +194,7 @@ def save_checkpoint(
         "model": vae.state_dict(),
         "optimizer": optimizer.state_dict(),
         "rng": get_rng_state(next(vae.parameters()).device),
+        "torchrun_job": distributed.job_id(),
     }
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -379,6 +381,23 @@ def holds_run(path: str | Path) -> bool:
     return (Path(path) / CHECKPOINT_FILE).exists()
 
 
+def restarted_run(run_dir: str | Path | None) -> bool:
+    """Whether torchrun restarted this process after a failure (``--max-restarts``) and
+    ``run_dir`` holds the run that this torchrun job was training: the run to resume.
+
+    The checkpoint records the job it was written by (its rendezvous id, see
+    :func:`~pyro_vae.distributed.job_id`), so a folder holding some other run is never taken
+    for this job's.
+    """
+    if run_dir is None or not distributed.restarted() or not holds_run(run_dir):
+        return False
+    try:
+        checkpoint = load_checkpoint(Path(run_dir) / CHECKPOINT_FILE)
+    except ValueError:
+        return False
+    return checkpoint.get("torchrun_job") == distributed.job_id()
+
+
 def train_run(
     config: Config,
     run_dir: str | Path | None = None,
@@ -411,10 +430,12 @@ def train_run(
         raise TypeError(f"config must be a pyro_vae Config, got {type(config).__name__}")
     run_dir = None if run_dir is None else _check_new_run_dir(Path(run_dir))
     check_buildable(config.to_dict())
-    device = resolve_device(config.device)
     config = dataclasses.replace(config, binarize=_binarize(config))
-    dataset = load_dataset(config.dataset, config.data_dir, config.binarize, device=device)
-    return _train(config, dataset, run_dir, None, [], on_train_start, on_epoch_end)
+    with distributed.process_group(config.device) as device:
+        dataset = distributed.main_process_first(
+            load_dataset, config.dataset, config.data_dir, config.binarize, device=device
+        )
+        return _train(config, dataset, run_dir, None, [], on_train_start, on_epoch_end)
 
 
 def resume_run(
@@ -448,10 +469,11 @@ def resume_run(
     config, checkpoint = _resume_settings(run_dir, epochs, device)
     metrics = read_metrics(run_dir)
     config = dataclasses.replace(config, binarize=_binarize(config))
-    dataset = load_run_dataset(config, data_dir, resolve_device(config.device))
-    if data_dir is not None:
-        config = dataclasses.replace(config, data_dir=str(data_dir))
-    return _train(config, dataset, run_dir, checkpoint, metrics, on_train_start, on_epoch_end)
+    with distributed.process_group(config.device) as device:
+        dataset = distributed.main_process_first(load_run_dataset, config, data_dir, device)
+        if data_dir is not None:
+            config = dataclasses.replace(config, data_dir=str(data_dir))
+        return _train(config, dataset, run_dir, checkpoint, metrics, on_train_start, on_epoch_end)
 
 
 def _check_new_run_dir(run_dir: Path) -> Path:
@@ -512,17 +534,21 @@ def _train(
     pyro.set_rng_seed(config.seed)
     vae = build_vae(config).to(device)
     config = prepare_fit(vae, dataset, config)  # bad input stops here, before a run folder
-    run_dir = new_run_dir() if run_dir is None else run_dir
+    # In data-parallel training rank 0 makes the folder, once every rank has checked it.
+    run_dir = distributed.on_main_process(new_run_dir) if run_dir is None else run_dir
+    distributed.barrier()
     try:
         if on_train_start is not None:
             on_train_start(vae, config, checkpoint["epoch"] if checkpoint else 0)
         # fit restores weights, optimizer and RNG from the checkpoint just before training.
         rows = fit(vae, dataset, config, run_dir, checkpoint, metrics, on_epoch_end)
-        save_figures(run_figures(vae, dataset, rows), run_dir)
+        if distributed.is_main_process():
+            save_figures(run_figures(vae, dataset, rows), run_dir)
     except KeyboardInterrupt as interrupt:
         if not run_dir.is_dir():
             raise
         raise RunInterrupted(run_dir, _checkpoint_epoch(run_dir)) from interrupt
+    distributed.barrier()  # rank 0 has written the last checkpoint
     return Run(run_dir, config, vae, load_checkpoint(run_dir / CHECKPOINT_FILE, device), rows)
 
 

@@ -24,6 +24,13 @@ from pyro_vae.config import Config
 from pyro_vae.data import Dataset, check_finite, iterate_batches, split_validation
 from pyro_vae.describe import build_vae, is_buildable, record_model
 from pyro_vae.devices import fork_rng, set_rng_state
+from pyro_vae.distributed import (
+    DataParallel,
+    check_resumed_world,
+    data_parallel,
+    is_main_process,
+    record_world,
+)
 from pyro_vae.estimators import AnalyticKLWarning, sampled_kl_sites
 from pyro_vae.objectives import get_elbo, is_importance_weighted
 from pyro_vae.runs import (
@@ -98,6 +105,8 @@ def prepare_fit(vae: VAE, dataset: Dataset, config: Config) -> Config:
     :raises TypeError: if ``dataset`` or ``config`` is of the wrong type, or the data are not
         floating point.
     :raises ValueError: naming the first bad setting or data problem.
+    :raises ~pyro_vae.distributed.WorldSizeError: if the processes of a data-parallel run do not
+        divide ``config.batch_size`` (see :func:`~pyro_vae.distributed.record_world`).
     """
     if not isinstance(config, Config):
         raise TypeError(f"config must be a pyro_vae Config, got {type(config).__name__}")
@@ -113,7 +122,7 @@ def prepare_fit(vae: VAE, dataset: Dataset, config: Config) -> Config:
             f"binarize={dataset.binarize!r}; load it with load_dataset(..., "
             f"binarize={config.binarize!r}) or leave config.binarize unset"
         )
-    config = record_model(config, vae)
+    config = record_world(record_model(config, vae))
     config = dataclasses.replace(
         config, binarize=dataset.binarize, image_shape=list(dataset.image_shape)
     )
@@ -177,7 +186,13 @@ def check_config_describes(vae: VAE, config: Config) -> None:
 
 
 @torch.no_grad()
-def evaluate_elbo(vae: VAE, x: torch.Tensor, elbo: str = "trace", num_particles: int = 1) -> float:
+def evaluate_elbo(
+    vae: VAE,
+    x: torch.Tensor,
+    elbo: str = "trace",
+    num_particles: int = 1,
+    parallel: DataParallel | None = None,
+) -> float:
     """Mean per datapoint (nats) of the bound that the objective ``elbo`` estimates, at KL
     weight 1, without touching the parameters: the ELBO, or for an importance-weighted
     objective (:func:`~pyro_vae.objectives.is_importance_weighted`: ``iwae``, ``dreg``) the
@@ -187,14 +202,21 @@ def evaluate_elbo(vae: VAE, x: torch.Tensor, elbo: str = "trace", num_particles:
     :param torch.Tensor x: data, ``(N, data_dim)``.
     :param str elbo: a key of :data:`~pyro_vae.objectives.ELBOS`.
     :param int num_particles: samples of z per datapoint.
+    :param parallel: in data-parallel training, each rank evaluates its
+        :meth:`~pyro_vae.distributed.DataParallel.shard` of ``x``, and every rank returns the
+        mean over all of ``x``.
     """
     vae.check_input(x)
     loss_fn = get_elbo(elbo, num_particles)
-    total = torch.zeros((), device=x.device)
+    if parallel is not None:
+        x = parallel.shard(x)
+    total, count = torch.zeros((), device=x.device), x.shape[0]
     with vae.kl_weight(1.0):
         for chunk in x.split(EVAL_BATCH_SIZE):
             total += loss_fn.differentiable_loss(vae.model, vae.guide, chunk)
-    return -total.item() / x.shape[0]
+    if parallel is not None:
+        total, count = parallel.sum(total, count)
+    return -total.item() / count
 
 
 def default_optimizer(vae: VAE, config: Config) -> torch.optim.Optimizer:
@@ -234,27 +256,36 @@ def train_epoch(
     epoch: int,
     step: int,
     stop: Callable[[int], bool] | None = None,
+    parallel: DataParallel | None = None,
 ) -> tuple[float, int]:
     """One pass over ``x`` in random minibatches.
 
     :param stop: called with the global step counter after every step; the pass ends early
-        when it returns ``True`` (a budget of time or steps).
+        when it returns ``True`` (a budget of time or steps; in data-parallel training it must
+        answer the same on every rank).
+    :param parallel: for data-parallel training: this rank's share of each global batch of
+        ``config.batch_size`` rows, its loss through DDP, and the mean over all ranks.
     :returns: the mean training objective per datapoint seen (the ELBO at the current KL
         weight, or the IWAE bound for an importance-weighted objective) and the updated global
         step counter.
     :raises FloatingPointError: if the loss is NaN or infinite; the parameters are not updated.
     """
     loss_fn = get_elbo(config.elbo, config.num_particles)
-    steps_per_epoch = math.ceil(x.shape[0] / config.batch_size)
+    binarize = config.binarize == "dynamic"
+    if parallel is None:
+        steps_per_epoch = math.ceil(x.shape[0] / config.batch_size)
+        batches = iterate_batches(x, config.batch_size, shuffle=True, binarize=binarize)
+    else:
+        steps_per_epoch, batches = parallel.batches(x, config.batch_size, epoch, step, binarize)
     total, seen = torch.zeros((), device=x.device), 0
-    batches = iterate_batches(
-        x, config.batch_size, shuffle=True, binarize=config.binarize == "dynamic"
-    )
     for i, batch in enumerate(batches):
         vae.kl_scale = kl_weight(config, step, steps_per_epoch)
         try:
             with pyro_checks(config, first=i == 0):
-                loss = loss_fn.differentiable_loss(vae.model, vae.guide, batch)
+                if parallel is None:
+                    loss = loss_fn.differentiable_loss(vae.model, vae.guide, batch)
+                else:
+                    loss = parallel.loss(batch)
         except ValueError as e:
             # With validation on, distributions refuse NaN parameters before the loss exists.
             if all(torch.isfinite(p).all() for p in vae.parameters()):
@@ -263,7 +294,10 @@ def train_epoch(
         if not torch.isfinite(loss):
             raise diverged(loss.item(), epoch, step)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if parallel is None:
+            loss.backward()
+        else:
+            parallel.backward(loss)
         if config.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(vae.parameters(), config.clip_norm)
         optimizer.step()
@@ -272,6 +306,8 @@ def train_epoch(
         step += 1
         if stop is not None and stop(step):
             break
+    if parallel is not None:
+        total, seen = parallel.sum(total, seen)
     # The last step's update is not seen by a next loss: check it before anything is saved.
     if not all(torch.isfinite(p).all() for p in vae.parameters()):
         raise diverged("non-finite", epoch, step - 1, what="the parameters")
@@ -297,6 +333,7 @@ def restore_checkpoint(
             f"the checkpoint is at epoch {checkpoint['epoch']} but config.epochs is "
             f"{config.epochs}; ask for at least {checkpoint['epoch']} epochs (config.epochs)"
         )
+    check_resumed_world(checkpoint["config"])
     load_model_state(vae, checkpoint["model"], hint="; was config.json edited? Restore it")
     optimizer.load_state_dict(checkpoint["optimizer"])
     if schedules is not None and "lr_scheduler" in checkpoint:
@@ -369,17 +406,18 @@ def fit(
     dataset, valid_x = split_validation(dataset, config.validation_size, config.validation_seed)
     schedules = make_lr_scheduler(optimizer, config), EarlyStopping(config.patience)
     start_epoch, step = _start_run(vae, dataset, config, optimizer, schedules, run_dir, checkpoint)
+    parallel = data_parallel(vae, config, dataset.train_x)  # None for one process
     rows = [row for row in metrics or [] if checkpoint is None or row["epoch"] <= start_epoch]
     with vae.kl_weight(1.0):  # the warm-up sets it per step; afterwards it is as it was
         for epoch in range(start_epoch + 1, config.epochs + 1):
             if schedules[1].stopped:
                 break
             row, step = _train_and_test(
-                vae, optimizer, (dataset, valid_x), config, epoch, step, run_dir
+                vae, optimizer, (dataset, valid_x, parallel), config, epoch, step, run_dir
             )
             rows.append(row)
             improved = _end_epoch(row, *schedules)
-            if run_dir is not None:
+            if run_dir is not None and is_main_process():
                 write_metrics(run_dir, rows)
                 state = _schedule_state(schedules)
                 if improved:  # best.pt first: a run killed between the two redoes the epoch
@@ -443,7 +481,7 @@ def _start_run(
         start_epoch, step = restore_checkpoint(
             vae, optimizer, checkpoint, config, dataset.train_x.device, schedules
         )
-    if run_dir is not None:
+    if run_dir is not None and is_main_process():
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         save_config(run_dir, config)
         if checkpoint is None:
@@ -456,19 +494,22 @@ def _start_run(
 def _train_and_test(
     vae: VAE,
     optimizer: torch.optim.Optimizer,
-    data: tuple[Dataset, torch.Tensor | None],
+    data: tuple[Dataset, torch.Tensor | None, DataParallel | None],
     config: Config,
     epoch: int,
     step: int,
     run_dir: str | Path | None,
 ) -> tuple[dict, int]:
     """One epoch of training and the validation and test ELBOs after it: the epoch's metrics
-    row and the step. ``data`` is the training data set and the validation images, if any."""
-    dataset, valid_x = data
+    row and the step. ``data`` is the training data set, the validation images, if any, and
+    the :class:`~pyro_vae.distributed.DataParallel` of data-parallel training, if any."""
+    dataset, valid_x, parallel = data
     start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
     vae.train()
     try:
-        train_elbo, step = train_epoch(vae, optimizer, dataset.train_x, config, epoch, step)
+        train_elbo, step = train_epoch(
+            vae, optimizer, dataset.train_x, config, epoch, step, parallel=parallel
+        )
     except FloatingPointError as e:
         if run_dir is None:
             raise
@@ -479,9 +520,9 @@ def _train_and_test(
         tests = {}
         if valid_x is not None:
             tests["valid_elbo"] = evaluate_elbo(
-                vae, valid_x, _elbo_name(config), config.num_particles
+                vae, valid_x, _elbo_name(config), config.num_particles, parallel
             )
-        tests |= _test_metrics(vae, dataset.test_x, config)
+        tests |= _test_metrics(vae, dataset.test_x, config, parallel)
     for column, value in tests.items():
         if not math.isfinite(value):
             raise FloatingPointError(
@@ -500,12 +541,15 @@ def _train_and_test(
     return row, step
 
 
-def _test_metrics(vae: VAE, x: torch.Tensor, config: Config) -> dict[str, float]:
+def _test_metrics(
+    vae: VAE, x: torch.Tensor, config: Config, parallel: DataParallel | None = None
+) -> dict[str, float]:
     """``test_elbo``, the ELBO at KL weight 1 whatever the objective, and for an
     importance-weighted objective ``test_iwae``, its IWAE bound with K = num_particles."""
-    tests = {"test_elbo": evaluate_elbo(vae, x, _elbo_name(config), config.num_particles)}
+    name, k = _elbo_name(config), config.num_particles
+    tests = {"test_elbo": evaluate_elbo(vae, x, name, k, parallel)}
     if is_importance_weighted(config.elbo):
-        tests["test_iwae"] = evaluate_elbo(vae, x, config.elbo, config.num_particles)
+        tests["test_iwae"] = evaluate_elbo(vae, x, config.elbo, k, parallel)
     return tests
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import functools
 import math
+import subprocess
+import time
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -15,6 +18,7 @@ from pyro.optim import Adam
 
 from pyro_vae import VAE, Config
 from pyro_vae.cli import main
+from pyro_vae.runs import load_run, read_metrics
 
 #: ``pyro-vae train`` flags of a tiny model on digits: 2 epochs, 8 steps each (1497 / 200).
 TINY_TRAIN = ["--epochs", "2", "--latent-dim", "2", "--hidden-dims", "16", "--batch-size", "200"]
@@ -283,3 +287,27 @@ class BernoulliTanh:
         step = self.grid[1] - self.grid[0]
         log_q = dist.Normal(loc, scale).log_prob(self.grid[:, None])
         return (log_q.exp() * (self.log_joint_on_grid(x) - log_q)).sum(0) * step
+
+
+def wait_for_epoch(process: subprocess.Popen, run_dir: Path, epoch: int) -> None:
+    """Poll metrics.csv until it shows ``epoch``; it is replaced atomically, so always parses."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        rows = read_metrics(run_dir) if (run_dir / "metrics.csv").exists() else []
+        if rows and rows[-1]["epoch"] >= epoch:
+            return
+        if process.poll() is not None:
+            pytest.fail(f"training ended early ({process.returncode}): {process.stderr.read()}")
+        time.sleep(0.02)
+    process.kill()
+    pytest.fail(f"no epoch {epoch} in {run_dir} after 120 s")
+
+
+def check_run_folder_is_whole(run_dir: Path) -> int:
+    """The run folder a killed process left: loadable, metrics parse, nothing lost or skipped."""
+    run = load_run(run_dir)
+    epochs = [row["epoch"] for row in read_metrics(run_dir)]
+    assert epochs == list(range(1, len(epochs) + 1))
+    # metrics.csv is written just before checkpoint.pt, so it is never behind it.
+    assert run.checkpoint["epoch"] in (len(epochs), len(epochs) - 1)
+    return len(epochs)

@@ -18,7 +18,7 @@ from pyro_vae.config import CHOICES, FORMAT_VERSION, model_summary
 BASE = {"data_dim": 64}
 
 #: Fields whose values are free-form strings (a path, an import path): no range to leave.
-FREE_STRINGS = {"data_dir", "vae_class"}
+FREE_STRINGS = {"data_dir", "vae_class", "backend"}
 
 #: One value of the wrong type per field, and a piece of what the error says is allowed.
 WRONG_TYPE = {
@@ -62,6 +62,8 @@ WRONG_TYPE = {
     "vae_class": (3, "must be an import path or None"),
     "recipe": (3, "choose one of ['iwae-paper'"),
     "recipe_overrides": ("epochs", "must name config fields given over the recipe"),
+    "world_size": (2.0, "must be a positive integer"),
+    "backend": (1, "must be a process-group backend or None"),
     "format_version": ("1", f"reads format_version {FORMAT_VERSION}"),
 }
 
@@ -102,6 +104,7 @@ OUT_OF_RANGE = {
     "device": [("gpu", "choose auto, cpu, cuda or cuda:N"), ("mps", "cuda:N")],
     "validation": [("never", "choose one of ['every_step', 'first_step']")],
     "data_dim": [(0, "must be a positive integer or None")],
+    "world_size": [(0, "must be a positive integer")],
     "image_shape": [([8], "[height, width]"), ([0, 8], "[height, width]"), ([8, 9], "pixels")],
     "format_version": [(FORMAT_VERSION + 1, f"reads format_version {FORMAT_VERSION}")],
     "recipe": [("burda", "choose one of ['iwae-paper'")],
@@ -150,6 +153,8 @@ GOOD_VALUES = {
     "vae_class": "mypackage.MyVAE",
     "recipe": "iwae-paper",
     "recipe_overrides": ["epochs", "dataset"],
+    "world_size": 2,
+    "backend": "gloo",
     "format_version": FORMAT_VERSION,
 }
 
@@ -289,6 +294,7 @@ def test_user_settings_carry_the_help_of_their_flag():
     with_help = {f.name for f in dataclasses.fields(Config) if "help" in f.metadata}
     filled_in = {"data_dim", "image_shape", "vae_class", "format_version"}
     filled_in |= {"recipe", "recipe_overrides"}  # by Config.from_recipe (--recipe)
+    filled_in = {"data_dim", "image_shape", "vae_class", "world_size", "backend", "format_version"}
     options = {"prior_kwargs", "likelihood_kwargs", "guide_kwargs"}
     assert with_help == {f.name for f in dataclasses.fields(Config)} - filled_in - options
     assert set(CHOICES) - {"recipe"} <= with_help

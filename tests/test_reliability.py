@@ -26,10 +26,12 @@ import pytest
 import torch
 from common import (
     STEPS_PER_EPOCH,
+    check_run_folder_is_whole,
     one_line_error,
     tiny_config,
     tiny_vae,
     usage_error,
+    wait_for_epoch,
     with_hooks,
     without_seconds,
 )
@@ -491,30 +493,6 @@ def start_training(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-
-
-def wait_for_epoch(process: subprocess.Popen, run_dir: Path, epoch: int) -> None:
-    """Poll metrics.csv until it shows ``epoch``; it is replaced atomically, so always parses."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        rows = read_metrics(run_dir) if (run_dir / "metrics.csv").exists() else []
-        if rows and rows[-1]["epoch"] >= epoch:
-            return
-        if process.poll() is not None:
-            pytest.fail(f"training ended early ({process.returncode}): {process.stderr.read()}")
-        time.sleep(0.02)
-    process.kill()
-    pytest.fail(f"no epoch {epoch} in {run_dir} after 120 s")
-
-
-def check_run_folder_is_whole(run_dir: Path) -> int:
-    """The run folder a killed process left: loadable, metrics parse, nothing lost or skipped."""
-    run = load_run(run_dir)
-    epochs = [row["epoch"] for row in read_metrics(run_dir)]
-    assert epochs == list(range(1, len(epochs) + 1))
-    # metrics.csv is written just before checkpoint.pt, so it is never behind it.
-    assert run.checkpoint["epoch"] in (len(epochs), len(epochs) - 1)
-    return len(epochs)
 
 
 @pytest.mark.slow
