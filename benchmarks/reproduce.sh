@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# README's "Published results, reproduced": one run per row of the table below, trained with
-# `pyro-vae train --recipe`, evaluated with K=5000 importance samples over the 10,000 test
-# images, then the table benchmarks/results/reproduce.md (and reproduce_curves.png) rendered
-# from the run folders by benchmarks/reproduce_table.py.
+# README's "Published results, reproduced": one run per row of the table below (run folders
+# runs/reproduce-ROW), trained with `pyro-vae train --recipe`, evaluated with K=5000 importance
+# samples over the 10,000 test images; their config, metrics and evaluation are copied to
+# benchmarks/results/reproduce-ROW/, from which benchmarks/reproduce_table.py renders the table
+# benchmarks/results/reproduce.md and reproduce_curves.png (every row run so far).
 #
 #   bash benchmarks/reproduce.sh ../shared/data [ROW ...]     # every row, or the rows named
 #
@@ -36,7 +37,7 @@ if [[ "${TINY:-0}" == 1 ]]; then
   tiny+=(--validation-size 100 --warmup-epochs 1)
   selected=("${@:-iwae-paper-2layer-k50 vampprior-paper-vamp}")
 else
-  runs=benchmarks/runs out=benchmarks/results samples=5000 epochs=${EPOCHS:-} tiny=()
+  runs=runs out=benchmarks/results samples=5000 epochs=${EPOCHS:-} tiny=()
   selected=("$@")
 fi
 mkdir -p "$out"
@@ -58,4 +59,10 @@ for row in "${rows[@]}"; do
   pyro-vae evaluate "$run" --data-dir "$data_dir" --num-samples "$samples" \
     ${LIMIT:+--limit "$LIMIT"} ${DEVICE:+--device "$DEVICE"}
 done
-python benchmarks/reproduce_table.py --out "$out" "${names[@]/#/$runs/reproduce-}"
+# The small files of each run (not its checkpoints) are kept beside the table, which is
+# rendered from them.
+for name in "${names[@]}"; do
+  mkdir -p "$out/reproduce-$name"
+  cp "$runs/reproduce-$name"/{config.json,metrics.csv,evaluation.json,machine.json} "$out/reproduce-$name/"
+done
+python benchmarks/reproduce_table.py --out "$out" "$out"/reproduce-*/

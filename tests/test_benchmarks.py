@@ -173,8 +173,11 @@ def test_reproduce_script_tiny_labels_budget_runs_and_resumes_them(tmp_path):
     runs = tmp_path / "runs"
     assert len(read_metrics(runs / "reproduce-vampprior-paper-vamp")) == 2  # resumed
     table = (tmp_path / "results" / "reproduce.md").read_text().splitlines()
-    assert [line.split(" | ")[0] for line in table[2:]] == ["| vampprior-paper-vamp"]
-    cells = table[2].split(" | ")
+    # The table holds every row run so far, from the files kept beside it.
+    names = [line.split(" | ")[0] for line in table[2:]]
+    assert names == ["| iwae-paper-2layer-k50", "| vampprior-paper-vamp"]
+    assert (tmp_path / "results" / "reproduce-vampprior-paper-vamp" / "evaluation.json").is_file()
+    cells = table[3].split(" | ")
     assert cells[1].startswith("`vampprior-paper-vamp`, given: ") and "epochs" in cells[1]
     assert cells[2] == "-82.43" and "(K=10, 300 images)" in cells[3] and cells[4] == "2"
     assert cells[5] == "**stopped by the budget** at 2 of 2000 epochs"
