@@ -63,6 +63,7 @@ done
 # rendered from them.
 for name in "${names[@]}"; do
   mkdir -p "$out/reproduce-$name"
-  cp "$runs/reproduce-$name"/{config.json,metrics.csv,evaluation.json,machine.json} "$out/reproduce-$name/"
+  cp "$runs/reproduce-$name"/{config.json,metrics.csv,machine.json} "$out/reproduce-$name/"
+  cp "$runs/reproduce-$name/evaluation${LIMIT:+-first$LIMIT}.json" "$out/reproduce-$name/evaluation.json"
 done
 python benchmarks/reproduce_table.py --out "$out" "$out"/reproduce-*/

@@ -40,6 +40,7 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import TypeVar
 
 import numpy as np
@@ -142,11 +143,29 @@ def process_group(device: str | torch.device = "auto") -> Iterator[torch.device]
     if device.type == "cuda":
         torch.cuda.set_device(device)
     device_id = device if device.type == "cuda" else None
-    dist.init_process_group(BACKENDS[device.type], device_id=device_id)
+    dist.init_process_group(BACKENDS[device.type], device_id=device_id, **_attempt_store())
     try:
         yield device
     finally:
         dist.destroy_process_group()
+
+
+def _attempt_store() -> dict:
+    """The rendezvous of :func:`dist.init_process_group` in a store of this restart attempt's
+    own keys, where torchrun shares its store with the processes it starts.
+
+    That store outlives a restart (``--max-restarts``), and the keys a process group writes in
+    it (each rank's address) are not prefixed by the attempt: a rank of the restarted job could
+    read the address of a process that is gone and fail to connect. Prefixing the keys by the
+    restart count keeps each attempt to its own. Elsewhere, ``env://`` as usual (no options).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return {}
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(address, port, is_master=False, timeout=timedelta(minutes=10))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    prefixed = dist.PrefixStore(f"pyro_vae/attempt_{attempt}", store)
+    return {"store": prefixed, "rank": rank(), "world_size": launched_world_size()}
 
 
 def barrier() -> None:

@@ -292,9 +292,8 @@ def test_an_old_config_json_without_the_filled_in_fields_loads():
 
 def test_user_settings_carry_the_help_of_their_flag():
     with_help = {f.name for f in dataclasses.fields(Config) if "help" in f.metadata}
-    filled_in = {"data_dim", "image_shape", "vae_class", "format_version"}
-    filled_in |= {"recipe", "recipe_overrides"}  # by Config.from_recipe (--recipe)
     filled_in = {"data_dim", "image_shape", "vae_class", "world_size", "backend", "format_version"}
+    filled_in |= {"recipe", "recipe_overrides"}  # by Config.from_recipe (--recipe)
     options = {"prior_kwargs", "likelihood_kwargs", "guide_kwargs"}
     assert with_help == {f.name for f in dataclasses.fields(Config)} - filled_in - options
     assert set(CHOICES) - {"recipe"} <= with_help

@@ -14,12 +14,12 @@ from pyro_vae.hierarchical import HierarchicalVAE
 from pyro_vae.recipes import RECIPES, recipe_settings
 from pyro_vae.schedules import iwae_lr_factor
 
-#: What each paper says, typed from the papers (IWAE: section 5 and the code's optimizer;
+#: What each paper says, typed from the papers (IWAE: section 5;
 #: VampPrior: section 4 and its experiment script), not from the recipes.
 IWAE_PAPER = {
     "dataset": "mnist", "binarize": "dynamic", "latent_dim": 50, "hidden_dims": [200, 200],
     "activation": "tanh", "elbo": "iwae", "num_particles": 50, "lr": 1e-3, "lr_schedule": "iwae",
-    "epochs": 3280, "batch_size": 20, "adam_betas": [0.99, 0.999], "adam_eps": 1e-4,
+    "epochs": 3280, "batch_size": 20, "adam_betas": [0.9, 0.999], "adam_eps": 1e-4,
     "validation_size": 0, "prior": "normal", "lower_latent_dim": None,
 }  # fmt: skip
 VAMPPRIOR_PAPER = {
