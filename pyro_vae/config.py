@@ -218,7 +218,7 @@ class Config:
                 raise ValueError(f"{e} or None") from None  # None: chosen by the likelihood
         overrides, fields = self.recipe_overrides, {f.name for f in dataclasses.fields(self)}
         names = isinstance(overrides, list) and all(
-            k in fields for k in overrides if isinstance(k, str)
+            isinstance(k, str) and k in fields for k in overrides
         )
         if not names or (overrides and self.recipe is None):
             raise ValueError(

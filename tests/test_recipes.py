@@ -80,6 +80,9 @@ def test_given_fields_override_the_recipe_and_are_recorded():
         Config.from_recipe("burda")
     with pytest.raises(ValueError, match=r"recipe_overrides must name config fields .*\['lr'\]"):
         Config(recipe_overrides=["lr"])  # overrides without a recipe
+    for bad in ([3], ["lr", None], ["no_such_field"]):
+        with pytest.raises(ValueError, match="recipe_overrides must name config fields"):
+            Config(recipe="iwae-paper", recipe_overrides=bad)
 
 
 def test_cli_recipe_flags_override_it_say_so_and_resume_keeps_it(tmp_path, capsys):
