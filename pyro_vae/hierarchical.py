@@ -144,6 +144,10 @@ class HierarchicalVAE(VAE):
                 z2 = pyro.sample("z2", self.encode(x))
                 pyro.sample("z1", self.lower_family(self.lower_encoder(_joined(x, z2))))
 
+    def _lower_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of q(z1|x) in the ``"iwae"`` wiring, where the guide infers z1 from x."""
+        return self.lower_family(self.lower_encoder(x)).mean
+
     def _decoder_input(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         return z1 if self.hierarchy == "iwae" else torch.cat([z1, z2], dim=-1)
 
@@ -151,7 +155,7 @@ class HierarchicalVAE(VAE):
         """q(z2|x): the guide's in the ``"vampprior"`` wiring; q(z2|z1) at the mean of q(z1|x)
         in the ``"iwae"`` wiring. Batch shape ``(N,)``, event shape ``(latent_dim,)``."""
         if self.hierarchy == "iwae":
-            return self.guide_family(self.encoder(self.lower_family(self.lower_encoder(x)).mean))
+            return self.guide_family(self.encoder(self._lower_mean(x)))
         return self.guide_family(self.encoder(x))
 
     def decode(self, z: torch.Tensor) -> dist.TorchDistribution:
@@ -163,7 +167,7 @@ class HierarchicalVAE(VAE):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of p(x|.) at point estimates of both codes of ``x``."""
         if self.hierarchy == "iwae":
-            return self.likelihood.mean(self.decoder(self.lower_family(self.lower_encoder(x)).mean))
+            return self.likelihood.mean(self.decoder(self._lower_mean(x)))
         z2 = self.latent_code(x)
         z1 = self.lower_family(self.lower_encoder(_joined(x, z2))).mean
         return self.likelihood.mean(self.decoder(torch.cat([z1, z2], dim=-1)))
